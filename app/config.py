@@ -1,0 +1,87 @@
+"""Settings read once from the environment by each composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value jobledger cannot use."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a jobledger process is configured with; see docs/operations.md."""
+
+    home: Path = Path(".jobledger")
+    database_url: str | None = None
+    nats_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    admin_key: str | None = None
+    rate_limits: bool = True
+    rate_limit_per_minute: int = 60
+    rate_limit_per_hour: int = 1000
+    max_json_body_bytes: int = 1024 * 1024
+    s3_endpoint_url: str | None = None
+    s3_allowed_buckets: frozenset[str] = frozenset()
+    # How long a write waits for the views to include it before answering.
+    view_wait_seconds: float = 5.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from JOBLEDGER_* variables; unknown values raise ConfigError."""
+
+        def text(name: str) -> str | None:
+            value = environ.get(name, "").strip()
+            return value or None
+
+        def integer(name: str, default: int, minimum: int = 0) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            if value < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+            return value
+
+        def number(name: str, default: float) -> float:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        def switch(name: str, default: bool) -> bool:
+            raw = text(name)
+            if raw is None:
+                return default
+            if raw.lower() in ("on", "true", "yes", "1"):
+                return True
+            if raw.lower() in ("off", "false", "no", "0"):
+                return False
+            raise ConfigError(f"{name} must be 'on' or 'off', got {raw!r}")
+
+        buckets = text("JOBLEDGER_S3_ALLOWED_BUCKETS") or ""
+        return cls(
+            home=Path(text("JOBLEDGER_HOME") or ".jobledger"),
+            database_url=text("JOBLEDGER_DATABASE_URL"),
+            nats_url=text("JOBLEDGER_NATS_URL"),
+            http_host=text("JOBLEDGER_HTTP_HOST") or "127.0.0.1",
+            http_port=integer("JOBLEDGER_HTTP_PORT", 8000, minimum=0),
+            admin_key=text("JOBLEDGER_ADMIN_KEY"),
+            rate_limits=switch("JOBLEDGER_RATE_LIMITS", True),
+            rate_limit_per_minute=integer("JOBLEDGER_RATE_LIMIT_PER_MINUTE", 60, minimum=1),
+            rate_limit_per_hour=integer("JOBLEDGER_RATE_LIMIT_PER_HOUR", 1000, minimum=1),
+            max_json_body_bytes=integer("JOBLEDGER_MAX_JSON_BODY_BYTES", 1024 * 1024, minimum=1),
+            s3_endpoint_url=text("JOBLEDGER_S3_ENDPOINT_URL"),
+            s3_allowed_buckets=frozenset(b.strip() for b in buckets.split(",") if b.strip()),
+            view_wait_seconds=number("JOBLEDGER_VIEW_WAIT_SECONDS", 5.0),
+        )
