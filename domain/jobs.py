@@ -1,0 +1,344 @@
+"""The Job aggregate: every action on a job is one of the events below, nothing else.
+
+Stored events are a contract with the future: an event's name and meaning never
+change; new facts get new event classes (or new fields with an upcaster).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, ClassVar
+from uuid import UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import InvalidJobRequest, InvalidTransition, JobNotFound, StaleAttempt
+from domain.pricing import Priority
+
+JOB_ID_PREFIX = "job_"
+_JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+# Namespace for ids derived from (owner, Idempotency-Key): equal keys, equal ids.
+_IDEMPOTENT_JOB_IDS = UUID("6f1c2d1e-8a47-4c57-9a3e-2b1f0c9d7e15")
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life; see the state machine in docs/architecture.md."""
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    CANCELING = "canceling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once nothing can happen to the job any more."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.TIMED_OUT}
+)
+ACTIVE_STATUSES = frozenset(set(JobStatus) - TERMINAL_STATUSES)
+
+
+class RequeueCause(StrEnum):
+    """Why a job went back to pending for another attempt."""
+
+    LEASE_EXPIRED = "lease_expired"
+    MINER_DEREGISTERED = "miner_deregistered"
+    MINER_DECLINED = "miner_declined"
+    MINER_ERROR = "miner_error"
+
+
+# The state machine: the statuses in which each command is allowed.
+ALLOWED_FROM: Mapping[str, frozenset[JobStatus]] = {
+    "assign": frozenset({JobStatus.PENDING}),
+    "start": frozenset({JobStatus.ASSIGNED}),
+    "report_progress": frozenset({JobStatus.RUNNING}),
+    # A completion may overtake its own "started" report, and may race a cancel.
+    "complete": frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING, JobStatus.CANCELING}),
+    "fail": frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING, JobStatus.CANCELING}),
+    "request_cancel": ACTIVE_STATUSES,
+    "confirm_canceled": frozenset({JobStatus.CANCELING}),
+    "time_out": ACTIVE_STATUSES,
+    "requeue": frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING}),
+}
+
+
+def job_id_of(aggregate_id: UUID) -> str:
+    """The public id of a job: 'job_' and the aggregate UUID in hex."""
+    return JOB_ID_PREFIX + aggregate_id.hex
+
+
+def aggregate_id_of(job_id: str) -> UUID:
+    """The aggregate UUID behind a public job id; malformed ids are simply not found."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+    return UUID(hex=job_id.removeprefix(JOB_ID_PREFIX))
+
+
+def idempotent_aggregate_id(owner: str, idempotency_key: str) -> UUID:
+    """The one aggregate id a (client, Idempotency-Key) pair may ever create."""
+    return uuid5(_IDEMPOTENT_JOB_IDS, f"{owner}\x00{idempotency_key}")
+
+
+class Job(Aggregate):
+    """A GPU job, from submission to its one terminal event."""
+
+    class Submitted(Aggregate.Created):
+        owner: str
+        model: str
+        input_text: str | None
+        input_file_id: str | None
+        output_destination: str
+        output_format: str
+        gpu_type: str
+        gpu_count: int
+        min_vram_gb: int
+        priority: str
+        timeout_seconds: int
+        estimated_cost: Decimal
+        estimated_time_seconds: int
+        idempotency_key: str | None
+        request_fingerprint: str
+
+    class Event(Aggregate.Event):
+        # The status a job is in after this event; None if the event leaves it unchanged.
+        resulting_status: ClassVar[JobStatus | None] = None
+
+        def apply(self, aggregate: Any) -> None:
+            """Move the job to this event's status and let the event record its details."""
+            job: Job = aggregate
+            if self.resulting_status is not None:
+                job.status = self.resulting_status
+            self.record_on(job)
+
+        def record_on(self, job: Job) -> None:
+            """Event-specific state changes; most events need none beyond the status."""
+
+    class Assigned(Event):
+        resulting_status = JobStatus.ASSIGNED
+        miner_id: str
+        attempt: int
+
+        def record_on(self, job: Job) -> None:
+            job.miner_id = self.miner_id
+
+    class Started(Event):
+        resulting_status = JobStatus.RUNNING
+        miner_id: str
+        attempt: int
+
+        def record_on(self, job: Job) -> None:
+            job.started_at = self.timestamp
+
+    class ProgressReported(Event):
+        attempt: int
+        progress: int
+
+        def record_on(self, job: Job) -> None:
+            job.progress = self.progress
+
+    class Completed(Event):
+        resulting_status = JobStatus.COMPLETED
+        miner_id: str
+        attempt: int
+        result: dict[str, Any]
+        metrics: dict[str, Any]
+        gpu_seconds: Decimal
+        cost: Decimal
+
+        def record_on(self, job: Job) -> None:
+            job.progress = 100
+            job.result = self.result
+            job.cost = self.cost
+            job.finished_at = self.timestamp
+
+    class Failed(Event):
+        resulting_status = JobStatus.FAILED
+        attempt: int
+        error: str
+
+        def record_on(self, job: Job) -> None:
+            job.error = self.error
+            job.finished_at = self.timestamp
+
+    class CancelRequested(Event):
+        resulting_status = JobStatus.CANCELING
+        reason: str
+
+    class Canceled(Event):
+        resulting_status = JobStatus.CANCELED
+        attempt: int
+        reason: str
+
+        def record_on(self, job: Job) -> None:
+            job.finished_at = self.timestamp
+
+    class TimedOut(Event):
+        resulting_status = JobStatus.TIMED_OUT
+        attempt: int
+
+        def record_on(self, job: Job) -> None:
+            job.error = f"timed out after {job.timeout_seconds} seconds"
+            job.finished_at = self.timestamp
+
+    class Requeued(Event):
+        resulting_status = JobStatus.PENDING
+        attempt: int
+        cause: str
+        previous_miner_id: str | None
+
+        def record_on(self, job: Job) -> None:
+            job.attempt = self.attempt
+            job.miner_id = None
+            job.progress = 0
+            job.started_at = None
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        model: str,
+        input_text: str | None,
+        input_file_id: str | None,
+        output_destination: str,
+        output_format: str,
+        gpu_type: str,
+        gpu_count: int,
+        min_vram_gb: int,
+        priority: str,
+        timeout_seconds: int,
+        estimated_cost: Decimal,
+        estimated_time_seconds: int,
+        idempotency_key: str | None,
+        request_fingerprint: str,
+    ) -> None:
+        self.owner = owner
+        self.model = model
+        self.input_text = input_text
+        self.input_file_id = input_file_id
+        self.output_destination = output_destination
+        self.output_format = output_format
+        self.gpu_type = gpu_type
+        self.gpu_count = gpu_count
+        self.min_vram_gb = min_vram_gb
+        self.priority = Priority(priority)
+        self.timeout_seconds = timeout_seconds
+        self.estimated_cost = estimated_cost
+        self.estimated_time_seconds = estimated_time_seconds
+        self.idempotency_key = idempotency_key
+        self.request_fingerprint = request_fingerprint
+        self.status = JobStatus.PENDING
+        self.attempt = 1
+        self.miner_id: str | None = None
+        self.progress = 0
+        self.started_at: datetime | None = None
+        self.finished_at: datetime | None = None
+        self.result: dict[str, Any] | None = None
+        self.cost: Decimal | None = None
+        self.error: str | None = None
+
+    @property
+    def job_id(self) -> str:
+        """The public id clients see."""
+        return job_id_of(self.id)
+
+    # Commands. Each checks its invariants first; a refused command records nothing.
+
+    def assign(self, miner_id: str) -> None:
+        """Hand the current attempt to a miner."""
+        self._require("assign")
+        self.trigger_event(self.Assigned, miner_id=miner_id, attempt=self.attempt)
+
+    def start(self, *, attempt: int, miner_id: str) -> None:
+        """The assigned miner began executing."""
+        self._require("start", attempt=attempt)
+        if miner_id != self.miner_id:
+            raise StaleAttempt(
+                f"job {self.job_id} attempt {attempt} belongs to {self.miner_id}, not {miner_id}"
+            )
+        self.trigger_event(self.Started, miner_id=miner_id, attempt=attempt)
+
+    def report_progress(self, *, attempt: int, progress: int) -> None:
+        """Record how far the running attempt has come, in percent."""
+        self._require("report_progress", attempt=attempt)
+        if not 0 <= progress <= 100:
+            raise InvalidJobRequest(
+                f"progress must be between 0 and 100, got {progress}", details={"field": "progress"}
+            )
+        self.trigger_event(self.ProgressReported, attempt=attempt, progress=progress)
+
+    def complete(
+        self,
+        *,
+        attempt: int,
+        result: dict[str, Any],
+        metrics: dict[str, Any],
+        gpu_seconds: Decimal,
+        cost: Decimal,
+    ) -> None:
+        """The current attempt produced its result; the job is charged `cost`."""
+        self._require("complete", attempt=attempt)
+        if gpu_seconds < 0 or cost < 0:
+            raise InvalidJobRequest("gpu_seconds and cost cannot be negative")
+        assert self.miner_id is not None  # every allowed status has a miner
+        self.trigger_event(
+            self.Completed,
+            miner_id=self.miner_id,
+            attempt=attempt,
+            result=result,
+            metrics=metrics,
+            gpu_seconds=gpu_seconds,
+            cost=cost,
+        )
+
+    def fail(self, *, attempt: int, error: str) -> None:
+        """The current attempt failed for good."""
+        self._require("fail", attempt=attempt)
+        self.trigger_event(self.Failed, attempt=attempt, error=error)
+
+    def request_cancel(self, reason: str = "canceled by client") -> None:
+        """Cancel: at once while pending, else ask the miner to stop (status canceling)."""
+        self._require("request_cancel")
+        if self.status is JobStatus.PENDING:
+            self.trigger_event(self.Canceled, attempt=self.attempt, reason=reason)
+        elif self.status is not JobStatus.CANCELING:  # a repeated request changes nothing
+            self.trigger_event(self.CancelRequested, reason=reason)
+
+    def confirm_canceled(self, *, attempt: int) -> None:
+        """The miner confirmed it stopped the canceled attempt."""
+        self._require("confirm_canceled", attempt=attempt)
+        self.trigger_event(self.Canceled, attempt=attempt, reason="stopped by miner")
+
+    def time_out(self) -> None:
+        """The job ran out of its `timeout_seconds`."""
+        self._require("time_out")
+        self.trigger_event(self.TimedOut, attempt=self.attempt)
+
+    def requeue(self, cause: RequeueCause) -> None:
+        """Take the job back from its miner and make it pending again as the next attempt."""
+        self._require("requeue")
+        self.trigger_event(
+            self.Requeued,
+            attempt=self.attempt + 1,
+            cause=RequeueCause(cause).value,
+            previous_miner_id=self.miner_id,
+        )
+
+    def _require(self, command: str, *, attempt: int | None = None) -> None:
+        if attempt is not None and attempt != self.attempt:
+            raise StaleAttempt(
+                f"job {self.job_id} is on attempt {self.attempt}, not {attempt}",
+                details={"job_id": self.job_id, "attempt": self.attempt, "reported": attempt},
+            )
+        if self.status not in ALLOWED_FROM[command]:
+            raise InvalidTransition(self.job_id, self.status.value, command)

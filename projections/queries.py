@@ -1,0 +1,157 @@
+"""Read-side queries over the job views; each answers from one indexed query, never N+1."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from psycopg import AsyncCursor
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+from domain.pricing import RuntimeStats
+from projections.jobs import JobRow
+from projections.tables import COLUMNS, PROJECTION_NAME
+
+_SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM jobledger_job_views"
+
+
+class JobPage(msgspec.Struct, frozen=True):
+    """One page of jobs, newest first, and whether more follow."""
+
+    rows: list[JobRow]
+    total: int
+    has_more: bool
+
+
+class HistoryTotals(msgspec.Struct, frozen=True):
+    """Totals over every job in a history window, not just the page shown."""
+
+    jobs: int
+    by_status: dict[str, int]
+    total_cost: Decimal
+    total_estimated_cost: Decimal
+
+
+class JobQueries:
+    """The status, list and history views, for one owner or (owner=None) for everyone."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    async def get(self, job_id: str) -> JobRow | None:
+        """One job's row, or None if the views do not have it (yet)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(JobRow)) as cur,
+        ):
+            await cur.execute(f"{_SELECT_ROWS} WHERE job_id = %s", (job_id,))
+            row: JobRow | None = await cur.fetchone()
+            return row
+
+    async def page(
+        self, *, owner: str | None, status: str | None, limit: int, before_seq: int | None
+    ) -> JobPage:
+        """Jobs newest first; `before_seq` continues after the last job of the previous page."""
+        where, params = _filters(owner=owner, status=status)
+        async with self._pool.connection() as conn:
+            async with conn.cursor(row_factory=class_row(JobRow)) as cur:
+                rows = await _fetch_page(cur, where, params, limit, before_seq)
+            total = await _count(conn.cursor(), where, params)
+        return JobPage(rows=rows[:limit], total=total, has_more=len(rows) > limit)
+
+    async def history(
+        self,
+        *,
+        owner: str | None,
+        start: datetime,
+        end: datetime,
+        limit: int,
+        before_seq: int | None,
+    ) -> tuple[JobPage, HistoryTotals]:
+        """Jobs created in [start, end], newest first, with totals over the whole window."""
+        where, params = _filters(owner=owner, status=None)
+        where.append("created_at BETWEEN %s AND %s")
+        params += [start, end]
+        async with self._pool.connection() as conn:
+            async with conn.cursor(row_factory=class_row(JobRow)) as cur:
+                rows = await _fetch_page(cur, where, params, limit, before_seq)
+            totals = await conn.execute(
+                "SELECT status, count(*), coalesce(sum(cost), 0), coalesce(sum(estimated_cost), 0) "
+                f"FROM jobledger_job_views WHERE {' AND '.join(where)} GROUP BY status",
+                params,
+            )
+            by_status: dict[str, int] = {}
+            cost = estimated = Decimal(0)
+            for status, count, status_cost, status_estimated in await totals.fetchall():
+                by_status[status] = count
+                cost += status_cost
+                estimated += status_estimated
+        jobs = sum(by_status.values())
+        return (
+            JobPage(rows=rows[:limit], total=jobs, has_more=len(rows) > limit),
+            HistoryTotals(
+                jobs=jobs, by_status=by_status, total_cost=cost, total_estimated_cost=estimated
+            ),
+        )
+
+    async def runtime_stats(self, model: str, gpu_type: str) -> RuntimeStats | None:
+        """What completed jobs of this model on this GPU type took, if any completed."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT completed, mean_seconds FROM jobledger_runtime_stats "
+                "WHERE model = %s AND gpu_type = %s",
+                (model, gpu_type),
+            )
+            found = await cur.fetchone()
+        return RuntimeStats(found[0], found[1]) if found else None
+
+    async def position(self) -> int:
+        """The last log position the views include."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT position FROM jobledger_projection_tracking WHERE projection = %s",
+                (PROJECTION_NAME,),
+            )
+            found = await cur.fetchone()
+        return int(found[0]) if found else 0
+
+
+def _filters(*, owner: str | None, status: str | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = ["TRUE"]
+    params: list[Any] = []
+    if owner is not None:
+        where.append("owner = %s")
+        params.append(owner)
+    if status is not None:
+        where.append("status = %s")
+        params.append(status)
+    return where, params
+
+
+async def _fetch_page(
+    cur: AsyncCursor[JobRow],
+    where: list[str],
+    params: list[Any],
+    limit: int,
+    before_seq: int | None,
+) -> list[JobRow]:
+    # One row more than asked tells whether another page follows.
+    conditions = [*where, "seq < %s"] if before_seq is not None else where
+    args = [*params, before_seq] if before_seq is not None else params
+    await cur.execute(
+        f"{_SELECT_ROWS} WHERE {' AND '.join(conditions)} ORDER BY seq DESC LIMIT %s",
+        [*args, limit + 1],
+    )
+    return await cur.fetchall()
+
+
+async def _count(cur: AsyncCursor[Any], where: list[str], params: list[Any]) -> int:
+    async with cur:
+        await cur.execute(
+            f"SELECT count(*) FROM jobledger_job_views WHERE {' AND '.join(where)}", params
+        )
+        found = await cur.fetchone()
+    return int(found[0]) if found else 0

@@ -1,0 +1,211 @@
+"""The read-model tables and the one transaction that advances them with their tracking record.
+
+Exactly-once: every batch runs in a transaction that locks this projection's
+tracking row, skips events at or below the recorded position, writes the rows
+and moves the position. A crash before commit leaves nothing behind; a crash
+after it leaves nothing to redo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+from psycopg import Connection, Cursor
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from domain.jobs import Job, job_id_of
+from domain.pricing import RuntimeStats
+from projections.jobs import JobRow, RuntimeSample, fold, learn, runtime_sample
+
+PROJECTION_NAME = "job_views"
+# Committed together with each batch, so listeners learn the views' new position.
+VIEWS_CHANNEL = "jobledger_views"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobledger_job_views (
+    job_id text PRIMARY KEY,
+    seq bigint NOT NULL,
+    owner text NOT NULL,
+    model text NOT NULL,
+    priority text NOT NULL,
+    status text NOT NULL,
+    progress integer NOT NULL,
+    attempt integer NOT NULL,
+    miner_id text,
+    gpu_type text NOT NULL,
+    gpu_count integer NOT NULL,
+    min_vram_gb integer NOT NULL,
+    timeout_seconds integer NOT NULL,
+    output_destination text NOT NULL,
+    output_format text NOT NULL,
+    estimated_cost numeric NOT NULL,
+    estimated_time_seconds integer NOT NULL,
+    cost numeric,
+    error text,
+    result jsonb,
+    created_at timestamptz NOT NULL,
+    started_at timestamptz,
+    completed_at timestamptz,
+    updated_at timestamptz NOT NULL,
+    version integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobledger_job_views_by_owner
+    ON jobledger_job_views (owner, seq DESC);
+CREATE INDEX IF NOT EXISTS jobledger_job_views_by_owner_status
+    ON jobledger_job_views (owner, status, seq DESC);
+CREATE INDEX IF NOT EXISTS jobledger_job_views_by_status
+    ON jobledger_job_views (status, seq DESC);
+CREATE INDEX IF NOT EXISTS jobledger_job_views_by_created
+    ON jobledger_job_views (created_at, seq);
+CREATE TABLE IF NOT EXISTS jobledger_runtime_stats (
+    model text NOT NULL,
+    gpu_type text NOT NULL,
+    completed bigint NOT NULL,
+    mean_seconds numeric NOT NULL,
+    PRIMARY KEY (model, gpu_type)
+);
+CREATE TABLE IF NOT EXISTS jobledger_projection_tracking (
+    projection text PRIMARY KEY,
+    position bigint NOT NULL
+);
+"""
+
+COLUMNS = tuple(JobRow.__struct_fields__)
+_UPSERT_ROW = (
+    f"INSERT INTO jobledger_job_views ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
+    "ON CONFLICT (job_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "job_id")
+)
+_UPSERT_STATS = (
+    "INSERT INTO jobledger_runtime_stats (model, gpu_type, completed, mean_seconds) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (model, gpu_type) DO UPDATE SET "
+    "completed = EXCLUDED.completed, mean_seconds = EXCLUDED.mean_seconds"
+)
+
+
+def create_schema(conn: Connection[Any]) -> None:
+    """Create the read-model tables if they are missing and register the projection."""
+    with conn.transaction():
+        conn.execute(SCHEMA)
+        conn.execute(
+            "INSERT INTO jobledger_projection_tracking (projection, position) VALUES (%s, 0) "
+            "ON CONFLICT DO NOTHING",
+            (PROJECTION_NAME,),
+        )
+
+
+def _row_params(row: JobRow) -> tuple[Any, ...]:
+    values = list(msgspec.structs.astuple(row))
+    result_index = COLUMNS.index("result")
+    if values[result_index] is not None:
+        values[result_index] = Jsonb(values[result_index])
+    return tuple(values)
+
+
+def _load_rows(cur: Cursor[Any], job_ids: Sequence[str]) -> dict[str, JobRow]:
+    with cur.connection.cursor(row_factory=class_row(JobRow)) as rows:
+        rows.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM jobledger_job_views WHERE job_id = ANY(%s)",
+            (list(job_ids),),
+        )
+        return {row.job_id: row for row in rows}
+
+
+def _save_stats(cur: Cursor[Any], samples: list[RuntimeSample]) -> None:
+    keys = {(s.model, s.gpu_type) for s in samples}
+    cur.execute(
+        "SELECT model, gpu_type, completed, mean_seconds FROM jobledger_runtime_stats "
+        "WHERE (model, gpu_type) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
+    stats: dict[tuple[str, str], RuntimeStats] = {
+        (model, gpu_type): RuntimeStats(completed, mean)
+        for model, gpu_type, completed, mean in cur.fetchall()
+    }
+    for sample in samples:
+        key = (sample.model, sample.gpu_type)
+        stats[key] = learn(stats.get(key), sample)
+    cur.executemany(
+        _UPSERT_STATS,
+        [(model, gpu, s.completed, s.mean_seconds) for (model, gpu), s in stats.items()],
+    )
+
+
+def _apply(cur: Cursor[Any], batch: Sequence[tuple[int, Any]]) -> None:
+    """Fold a batch of (position, domain event) into the tables: one read, one write per table."""
+    job_events = [(seq, e) for seq, e in batch if isinstance(e, Job.Event | Job.Submitted)]
+    if not job_events:
+        return
+    rows = _load_rows(cur, list({job_id_of(e.originator_id) for _, e in job_events}))
+    changed: dict[str, JobRow] = {}
+    samples: list[RuntimeSample] = []
+    for seq, event in job_events:
+        job_id = job_id_of(event.originator_id)
+        before = rows.get(job_id)
+        if before is not None and before.version >= event.originator_version:
+            continue  # already folded (rebuilds and redeliveries are harmless)
+        if before is not None and (sample := runtime_sample(before, event)) is not None:
+            samples.append(sample)
+        rows[job_id] = changed[job_id] = fold(before, event, seq)
+    cur.executemany(_UPSERT_ROW, [_row_params(row) for row in changed.values()])
+    if samples:
+        _save_stats(cur, samples)
+
+
+def _lock_position(cur: Cursor[Any]) -> int:
+    cur.execute(
+        "SELECT position FROM jobledger_projection_tracking WHERE projection = %s FOR UPDATE",
+        (PROJECTION_NAME,),
+    )
+    found = cur.fetchone()
+    if found is None:
+        raise RuntimeError("projection tracking row missing: run create_schema() first")
+    return int(found[0])
+
+
+def _set_position(cur: Cursor[Any], position: int) -> None:
+    cur.execute(
+        "UPDATE jobledger_projection_tracking SET position = %s WHERE projection = %s",
+        (position, PROJECTION_NAME),
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (VIEWS_CHANNEL, str(position)))
+
+
+def apply_batch(conn: Connection[Any], batch: Sequence[tuple[int, Any]]) -> int:
+    """Apply events past the tracked position in one transaction; returns the new position."""
+    with conn.transaction(), conn.cursor() as cur:
+        position = _lock_position(cur)
+        fresh = [(seq, event) for seq, event in batch if seq > position]
+        if not fresh:
+            return position
+        _apply(cur, fresh)
+        position = fresh[-1][0]
+        _set_position(cur, position)
+        return position
+
+
+def rebuild(conn: Connection[Any], batches: Iterable[Sequence[tuple[int, Any]]]) -> int:
+    """Empty the tables and fold the whole log again, atomically: readers see old or new."""
+    with conn.transaction(), conn.cursor() as cur:
+        _lock_position(cur)
+        cur.execute("TRUNCATE jobledger_job_views, jobledger_runtime_stats")
+        position = 0
+        for batch in batches:
+            _apply(cur, batch)
+            if batch:
+                position = batch[-1][0]
+        _set_position(cur, position)
+        return position
+
+
+def read_position(conn: Connection[Any]) -> int:
+    """The last log position the views include."""
+    found = conn.execute(
+        "SELECT position FROM jobledger_projection_tracking WHERE projection = %s",
+        (PROJECTION_NAME,),
+    ).fetchone()
+    return int(found[0]) if found else 0
