@@ -6,6 +6,7 @@ change; new facts get new event classes (or new fields with an upcaster).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -14,10 +15,11 @@ from enum import StrEnum
 from typing import Any, ClassVar
 from uuid import UUID, uuid5
 
+import msgspec
 from eventsourcing.domain import Aggregate
 
 from domain.errors import InvalidJobRequest, InvalidTransition, JobNotFound, StaleAttempt
-from domain.pricing import Priority
+from domain.pricing import Estimate, Priority
 
 JOB_ID_PREFIX = "job_"
 _JOB_ID = re.compile(r"job_[0-9a-f]{32}")
@@ -88,6 +90,25 @@ def aggregate_id_of(job_id: str) -> UUID:
 def idempotent_aggregate_id(owner: str, idempotency_key: str) -> UUID:
     """The one aggregate id a (client, Idempotency-Key) pair may ever create."""
     return uuid5(_IDEMPOTENT_JOB_IDS, f"{owner}\x00{idempotency_key}")
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a client asks to run: the validated content of a submission."""
+
+    model: str
+    input_text: str | None
+    input_file_id: str | None
+    output_destination: str
+    output_format: str
+    gpu_type: str
+    gpu_count: int
+    min_vram_gb: int
+    priority: Priority
+    timeout_seconds: int
+
+    def fingerprint(self) -> str:
+        """A digest of the request, to tell a retried submission from a different one."""
+        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()
 
 
 class Job(Aggregate):
@@ -247,6 +268,37 @@ class Job(Aggregate):
         self.cost: Decimal | None = None
         self.error: str | None = None
 
+    @classmethod
+    def submit(
+        cls,
+        *,
+        aggregate_id: UUID,
+        owner: str,
+        spec: JobSpec,
+        estimate: Estimate,
+        idempotency_key: str | None,
+    ) -> Job:
+        """A new pending job, priced before it exists so the estimate is part of its record."""
+        return cls._create(
+            cls.Submitted,
+            id=aggregate_id,
+            owner=owner,
+            model=spec.model,
+            input_text=spec.input_text,
+            input_file_id=spec.input_file_id,
+            output_destination=spec.output_destination,
+            output_format=spec.output_format,
+            gpu_type=spec.gpu_type,
+            gpu_count=spec.gpu_count,
+            min_vram_gb=spec.min_vram_gb,
+            priority=spec.priority.value,
+            timeout_seconds=spec.timeout_seconds,
+            estimated_cost=estimate.cost,
+            estimated_time_seconds=estimate.seconds,
+            idempotency_key=idempotency_key,
+            request_fingerprint=spec.fingerprint(),
+        )
+
     @property
     def job_id(self) -> str:
         """The public id clients see."""
@@ -342,3 +394,4 @@ class Job(Aggregate):
             )
         if self.status not in ALLOWED_FROM[command]:
             raise InvalidTransition(self.job_id, self.status.value, command)
+

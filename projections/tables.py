@@ -1,5 +1,7 @@
 """The read-model tables and the one transaction that advances them with their tracking record.
 
+Functions here take an autocommit connection and open their own transactions.
+
 Exactly-once: every batch runs in a transaction that locks this projection's
 tracking row, skips events at or below the recorded position, writes the rows
 and moves the position. A crash before commit leaves nothing behind; a crash

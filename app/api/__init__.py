@@ -1,0 +1,53 @@
+"""The HTTP API: `create_app(settings)` is its composition root."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.api.admin import AdminController
+from app.api.auth import ApiKeyMiddleware
+from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
+from app.api.health import healthz
+from app.api.jobs import JobController
+from app.config import Settings
+from app.services import open_services
+
+
+def create_app(settings: Settings, *, run_projector: bool = True) -> Litestar:
+    """The API with its services opened in the lifespan and closed in reverse on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_services(settings, run_projector=run_projector) as services:
+            app.state.services = services
+            yield
+
+    return Litestar(
+        route_handlers=[JobController, AdminController, healthz],
+        lifespan=[lifespan],
+        middleware=[ApiKeyMiddleware()],
+        exception_handlers=EXCEPTION_HANDLERS,
+        response_class=LedgerResponse,
+        request_max_body_size=settings.max_json_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="jobledger",
+            version="1.0.0",
+            description="An event-sourced ledger for GPU compute jobs.",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "apiKey": SecurityScheme(
+                        type="apiKey", name="X-Api-Key", security_scheme_in="header"
+                    ),
+                    "bearer": SecurityScheme(type="http", scheme="bearer"),
+                }
+            ),
+            security=[{"apiKey": []}, {"bearer": []}],
+        ),
+        debug=False,
+    )

@@ -1,0 +1,128 @@
+"""The one place that turns exceptions into HTTP answers: {"error": {status, message, details}}."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import eventsourcing.persistence
+import msgspec
+import psycopg
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+from litestar.types import ExceptionHandlersMap
+
+from app.api.schemas import ErrorBody, ErrorDetail
+from domain.errors import (
+    Conflict,
+    DomainError,
+    InvalidJobRequest,
+    JobNotFound,
+    MinerNotFound,
+)
+
+log = logging.getLogger("jobledger.api")
+
+# The database is down or unreachable: a 503 the client may retry, not a 500.
+_UNAVAILABLE = (
+    psycopg.OperationalError,
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
+)
+
+# Money goes out as JSON numbers written from the Decimal's digits, never through a float.
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+_PATH = re.compile(r" - at `\$(?:\.data)?\.?([^`]*)`")
+
+_DOMAIN_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (JobNotFound, HTTP_404_NOT_FOUND),
+    (MinerNotFound, HTTP_404_NOT_FOUND),
+    (Conflict, HTTP_409_CONFLICT),
+    (InvalidJobRequest, HTTP_422_UNPROCESSABLE_ENTITY),
+)
+
+
+class LedgerResponse(Response[Any]):
+    """JSON responses encoded by msgspec with decimals as exact JSON numbers."""
+
+    def render(self, content: Any, media_type: str, enc_hook: Any = None) -> bytes:
+        """Encode JSON bodies ourselves; defer everything else to Litestar."""
+        if media_type == MediaType.JSON and not isinstance(content, bytes | str):
+            return _ENCODER.encode(content)
+        return super().render(content, media_type, enc_hook)
+
+
+class ServiceUnavailable(HTTPException):
+    """A dependency (PostgreSQL, NATS) cannot be reached right now."""
+
+    status_code = HTTP_503_SERVICE_UNAVAILABLE
+
+
+def error_response(
+    status: int, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> Response[Any]:
+    """The standard error body."""
+    body = ErrorBody(error=ErrorDetail(status=status, message=message, details=details))
+    return LedgerResponse(body, status_code=status, headers=headers, media_type=MediaType.JSON)
+
+
+def _validation_errors(exc: ValidationException) -> tuple[str, list[dict[str, str]]]:
+    cause = str(exc.__cause__) if exc.__cause__ is not None else ""
+    match = _PATH.search(cause)
+    errors: list[dict[str, str]] = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        field = match.group(1) if match and item.get("source") == "body" else item.get("key", "")
+        errors.append({"field": field or "body", "message": str(item.get("message", ""))})
+    if not errors:
+        return str(exc.detail), []
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return f"invalid request: {summary}", errors
+
+
+def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Litestar's own exceptions: validation (422), malformed bodies (400), auth, limits."""
+    if isinstance(exc, ValidationException):
+        message, errors = _validation_errors(exc)
+        if errors:
+            return error_response(HTTP_422_UNPROCESSABLE_ENTITY, message, {"errors": errors})
+        return error_response(HTTP_400_BAD_REQUEST, message)
+    if exc.status_code >= HTTP_500_INTERNAL_SERVER_ERROR and exc.status_code != 503:
+        log.error("server error on %s %s: %s", request.method, request.url.path, exc.detail)
+    return error_response(exc.status_code, str(exc.detail), exc.extra or None, exc.headers)
+
+
+def handle_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
+    """Domain refusals map to 404, 409 or 422 by their class."""
+    for error_class, status in _DOMAIN_STATUS:
+        if isinstance(exc, error_class):
+            return error_response(status, exc.message, exc.details or None)
+    return error_response(HTTP_422_UNPROCESSABLE_ENTITY, exc.message, exc.details or None)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A bug or an outage: log it whole, tell the client nothing internal."""
+    if isinstance(exc, _UNAVAILABLE):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            HTTP_503_SERVICE_UNAVAILABLE,
+            "the ledger's database is unavailable; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    HTTPException: handle_http,
+    DomainError: handle_domain,
+    Exception: handle_unexpected,
+}

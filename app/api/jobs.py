@@ -1,0 +1,364 @@
+"""The client API: submit, status, list, cancel, download, history and events of jobs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.openapi.spec import Example
+from litestar.params import Body, Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
+
+from app.api import openapi
+from app.api.auth import allow, owner_filter
+from app.api.errors import LedgerResponse
+from app.api.schemas import (
+    HistoryResponse,
+    HistoryTotals,
+    JobEvent,
+    JobEventsResponse,
+    JobListResponse,
+    JobStatusResponse,
+    SubmitJobRequest,
+    SubmitJobResponse,
+)
+from app.keys import Principal, Role
+from app.services import Services
+from domain.errors import Conflict, InvalidJobRequest, JobNotFound
+from domain.gpus import normalize_gpu_type
+from domain.jobs import JobSpec, JobStatus
+from projections.jobs import JobRow
+
+MAX_PAGE = 100
+_CURSOR_PREFIX = "seq:"
+
+
+def services_of(state: State) -> Services:
+    """The process's services, opened by the lifespan."""
+    services: Services = state.services
+    return services
+
+
+def status_view(row: JobRow) -> JobStatusResponse:
+    """The public shape of a job row."""
+    return JobStatusResponse(
+        job_id=row.job_id,
+        status=row.status,
+        progress=row.progress,
+        miner_id=row.miner_id,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        result=row.result,
+        model=row.model,
+        priority=row.priority,
+        attempt=row.attempt,
+        estimated_cost=row.estimated_cost,
+        cost=row.cost,
+        error=row.error,
+    )
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque continuation token for the page after the job at `seq`."""
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    """The position a cursor continues after; a token we did not issue is a 422."""
+    if cursor is None:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text.startswith(_CURSOR_PREFIX):
+            return int(text.removeprefix(_CURSOR_PREFIX))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidJobRequest(
+        "cursor is not valid: pass next_cursor from a previous page", details={"field": "cursor"}
+    )
+
+
+def parse_bound(value: str, field: str, *, end: bool) -> datetime:
+    """A history bound: YYYY-MM-DD (the whole day, inclusive) or an RFC 3339 time with offset."""
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        pass
+    else:
+        if len(value) == 10:
+            moment = datetime.combine(day, time.min, tzinfo=UTC)
+            return moment + timedelta(days=1, microseconds=-1) if end else moment
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidJobRequest(
+            f"{field} must be a date (YYYY-MM-DD) or an RFC 3339 time, got {value!r}",
+            details={"field": field},
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidJobRequest(
+            f"{field} needs a UTC offset (e.g. 2026-01-31T23:59:59Z), got {value!r}",
+            details={"field": field},
+        )
+    return moment.astimezone(UTC)
+
+
+def to_spec(data: SubmitJobRequest, services: Services) -> JobSpec:
+    """Check what the schema cannot (destination, GPU type) and build the domain's spec."""
+    destination = data.output_config.destination
+    if destination != "local":
+        bucket = destination.removeprefix("s3://").split("/", 1)[0]
+        if not destination.startswith("s3://") or not bucket:
+            raise InvalidJobRequest(
+                'output_config.destination must be "local" or "s3://bucket/prefix"',
+                details={"field": "output_config.destination"},
+            )
+        if bucket not in services.settings.s3_allowed_buckets:
+            raise InvalidJobRequest(
+                f"bucket {bucket!r} is not allowed (JOBLEDGER_S3_ALLOWED_BUCKETS)",
+                details={"field": "output_config.destination"},
+            )
+    return JobSpec(
+        model=data.model,
+        input_text=data.input,
+        input_file_id=None,
+        output_destination=destination,
+        output_format=data.output_config.format,
+        gpu_type=normalize_gpu_type(data.requirements.gpu_type),
+        gpu_count=data.requirements.gpu_count,
+        min_vram_gb=data.requirements.min_vram_gb,
+        priority=data.priority,
+        timeout_seconds=data.timeout_seconds,
+    )
+
+
+async def load_row(services: Services, principal: Principal, job_id: str) -> JobRow:
+    """The job's view row; straight from the log if the projector has not reached it yet."""
+    owner = owner_filter(principal)
+    row = await services.queries.get(job_id)
+    if row is None:
+        return await services.run(services.ledger.job_row, job_id, owner=owner)
+    if owner is not None and row.owner != owner:
+        raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+    return row
+
+
+READERS = (Role.CLIENT, Role.AUDITOR, Role.ADMIN)
+
+
+class JobController(Controller):
+    """/v1/jobs: clients act on their own jobs; auditors and admins read all of them."""
+
+    path = "/v1/jobs"
+    tags = ["jobs"]
+    response_class = LedgerResponse
+
+    @post(
+        "/",
+        guards=[allow(Role.CLIENT)],
+        status_code=HTTP_201_CREATED,
+        summary="Submit a job",
+        responses=openapi.errors(400, 401, 403, 409, 413, 422, 429),
+        response_headers=openapi.RATE_LIMIT_HEADERS,
+    )
+    async def submit(
+        self,
+        request: Request[Principal, Any, Any],
+        state: State,
+        data: Annotated[
+            SubmitJobRequest, Body(examples=[Example(summary="seed example", value=openapi.SUBMIT)])
+        ],
+        idempotency_key: Annotated[
+            str | None,
+            Parameter(
+                header="Idempotency-Key",
+                min_length=1,
+                max_length=255,
+                description="retries with the same key return the original job, never a second",
+            ),
+        ] = None,
+    ) -> Response[SubmitJobResponse]:
+        """Submit a job; answers once it is durable and visible in the status view."""
+        services = services_of(state)
+        spec = to_spec(data, services)
+        history = await services.queries.runtime_stats(spec.model, spec.gpu_type)
+        outcome = await services.run(
+            services.ledger.submit,
+            owner=request.user.subject,
+            spec=spec,
+            idempotency_key=idempotency_key,
+            history=history,
+        )
+        if outcome.created:
+            await services.views.wait_for(outcome.position, services.settings.view_wait_seconds)
+        body = SubmitJobResponse(
+            job_id=outcome.job_id,
+            estimated_cost=outcome.estimated_cost,
+            estimated_time_seconds=outcome.estimated_time_seconds,
+        )
+        headers = {} if outcome.created else {"Idempotent-Replayed": "true"}
+        return LedgerResponse(body, status_code=HTTP_201_CREATED, headers=headers)
+
+    @get(
+        "/",
+        guards=[allow(*READERS)],
+        summary="List jobs",
+        responses=openapi.errors(401, 403, 422, 429),
+    )
+    async def list_jobs(
+        self,
+        request: Request[Principal, Any, Any],
+        state: State,
+        status: JobStatus | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 20,
+        cursor: Annotated[str | None, Parameter(max_length=200)] = None,
+    ) -> JobListResponse:
+        """Jobs newest first; paging by cursor neither skips nor repeats a job."""
+        services = services_of(state)
+        page = await services.queries.page(
+            owner=owner_filter(request.user),
+            status=status.value if status else None,
+            limit=limit,
+            before_seq=decode_cursor(cursor),
+        )
+        return JobListResponse(
+            jobs=[status_view(row) for row in page.rows],
+            total=page.total,
+            has_more=page.has_more,
+            next_cursor=encode_cursor(page.rows[-1].seq) if page.has_more else None,
+        )
+
+    @get(
+        "/history",
+        guards=[allow(*READERS)],
+        summary="Jobs created in a window, with totals",
+        responses=openapi.errors(401, 403, 422, 429),
+    )
+    async def history(
+        self,
+        request: Request[Principal, Any, Any],
+        state: State,
+        window_from: Annotated[
+            str,
+            Parameter(
+                query="from",
+                description="YYYY-MM-DD or RFC 3339",
+                examples=[Example(value="2026-01-01")],
+            ),
+        ],
+        window_to: Annotated[
+            str,
+            Parameter(
+                query="to",
+                description="YYYY-MM-DD or RFC 3339 (inclusive)",
+                examples=[Example(value="2026-01-31")],
+            ),
+        ],
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Parameter(max_length=200)] = None,
+    ) -> HistoryResponse:
+        """Jobs created between `from` and `to` inclusive; totals cover the whole window."""
+        start = parse_bound(window_from, "from", end=False)
+        end = parse_bound(window_to, "to", end=True)
+        if start > end:
+            raise InvalidJobRequest("from must not be after to", details={"field": "from"})
+        services = services_of(state)
+        page, totals = await services.queries.history(
+            owner=owner_filter(request.user),
+            start=start,
+            end=end,
+            limit=limit,
+            before_seq=decode_cursor(cursor),
+        )
+        return HistoryResponse(
+            window_from=start,
+            window_to=end,
+            jobs=[status_view(row) for row in page.rows],
+            totals=HistoryTotals(
+                jobs=totals.jobs,
+                by_status=totals.by_status,
+                total_cost=totals.total_cost,
+                total_estimated_cost=totals.total_estimated_cost,
+            ),
+            has_more=page.has_more,
+            next_cursor=encode_cursor(page.rows[-1].seq) if page.has_more else None,
+        )
+
+    @get(
+        "/{job_id:str}",
+        guards=[allow(*READERS)],
+        summary="Job status",
+        responses=openapi.errors(401, 403, 404, 429),
+    )
+    async def status(
+        self, request: Request[Principal, Any, Any], state: State, job_id: str
+    ) -> JobStatusResponse:
+        """The job as the status view shows it."""
+        return status_view(await load_row(services_of(state), request.user, job_id))
+
+    @delete(
+        "/{job_id:str}",
+        guards=[allow(Role.CLIENT, Role.ADMIN)],
+        status_code=HTTP_200_OK,
+        summary="Cancel a job",
+        responses={
+            202: openapi.response(JobStatusResponse, "cancel requested; the miner is told to stop"),
+            **openapi.errors(401, 403, 404, 409, 429),
+        },
+    )
+    async def cancel(
+        self, request: Request[Principal, Any, Any], state: State, job_id: str
+    ) -> Response[JobStatusResponse]:
+        """Cancel: pending jobs at once (200); assigned or running ones become canceling (202)."""
+        services = services_of(state)
+        row, position = await services.run(
+            services.ledger.cancel, job_id, owner=owner_filter(request.user)
+        )
+        await services.views.wait_for(position, services.settings.view_wait_seconds)
+        code = HTTP_202_ACCEPTED if row.status == JobStatus.CANCELING else HTTP_200_OK
+        return LedgerResponse(status_view(row), status_code=code)
+
+    @get(
+        "/{job_id:str}/download",
+        guards=[allow(*READERS)],
+        summary="Download the result",
+        responses=openapi.errors(401, 403, 404, 409, 429),
+    )
+    async def download(
+        self, request: Request[Principal, Any, Any], state: State, job_id: str
+    ) -> Response[bytes]:
+        """The result bytes with their sha256; 409 while the job has no result."""
+        row = await load_row(services_of(state), request.user, job_id)
+        # Results are written by miners into blob storage (docs/architecture.md,
+        # "Results"); until a job completed with one there is nothing to send.
+        raise Conflict(
+            f"job {job_id} has no result to download (status: {row.status})",
+            details={"job_id": job_id, "status": row.status},
+        )
+
+    @get(
+        "/{job_id:str}/events",
+        guards=[allow(*READERS)],
+        summary="The job's full event history",
+        responses=openapi.errors(401, 403, 404, 429),
+    )
+    async def events(
+        self, request: Request[Principal, Any, Any], state: State, job_id: str
+    ) -> JobEventsResponse:
+        """Every stored event of the job, in order, read from the event store itself."""
+        services = services_of(state)
+        records = await services.run(
+            services.ledger.job_events, job_id, owner=owner_filter(request.user)
+        )
+        return JobEventsResponse(
+            job_id=job_id,
+            events=[
+                JobEvent(sequence=r.sequence, type=r.type, timestamp=r.timestamp, data=r.data)
+                for r in records
+            ],
+        )

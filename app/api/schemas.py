@@ -1,0 +1,166 @@
+"""HTTP request and response bodies; never reused as stored events (a separate contract)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from domain.pricing import Priority
+
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+OutputFormat = Literal["json", "text", "binary", "archive"]
+
+
+class OutputConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where the result goes and in which format."""
+
+    destination: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=1024,
+            description='"local" (the ledger\'s blob store) or "s3://bucket/prefix"',
+            examples=["local", "s3://results-bucket/jobs"],
+        ),
+    ] = "local"
+    format: Annotated[OutputFormat, msgspec.Meta(description="result format")] = "json"
+
+
+class Requirements(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The hardware a job needs."""
+
+    gpu_type: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=64,
+            description="GPU model, e.g. v100, a100, h100 (vendor spellings are normalised)",
+        ),
+    ]
+    gpu_count: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    min_vram_gb: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+
+
+class SubmitJobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /v1/jobs. Unknown fields (status, owner, cost, ...) are rejected, not ignored."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200, examples=["gpt2"])]
+    input: Annotated[str, msgspec.Meta(description="the input text (or, later, a file_id)")]
+    requirements: Requirements
+    output_config: OutputConfig = msgspec.field(default_factory=OutputConfig)
+    priority: Priority = Priority.NORMAL
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_TIMEOUT_SECONDS)] = 3600
+
+
+class SubmitJobResponse(msgspec.Struct, kw_only=True):
+    """The new job's id and what it is expected to cost and take."""
+
+    job_id: str
+    estimated_cost: Decimal
+    estimated_time_seconds: int
+
+
+class JobStatusResponse(msgspec.Struct, kw_only=True):
+    """A job as the status view shows it."""
+
+    job_id: str
+    status: str
+    progress: int
+    miner_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    result: dict[str, Any] | None
+    model: str
+    priority: str
+    attempt: int
+    estimated_cost: Decimal
+    cost: Decimal | None
+    error: str | None
+
+
+class JobListResponse(msgspec.Struct, kw_only=True):
+    """A page of jobs, newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    jobs: list[JobStatusResponse]
+    total: int
+    has_more: bool
+    next_cursor: str | None
+
+
+class HistoryTotals(msgspec.Struct, kw_only=True):
+    """Totals over every job in the window (all pages)."""
+
+    jobs: int
+    by_status: dict[str, int]
+    total_cost: Decimal
+    total_estimated_cost: Decimal
+
+
+class HistoryResponse(
+    msgspec.Struct, kw_only=True, rename={"window_from": "from", "window_to": "to"}
+):
+    """Jobs created in an inclusive window, with totals."""
+
+    window_from: datetime
+    window_to: datetime
+    jobs: list[JobStatusResponse]
+    totals: HistoryTotals
+    has_more: bool
+    next_cursor: str | None
+
+
+class JobEvent(msgspec.Struct, kw_only=True):
+    """One immutable event of a job, as stored."""
+
+    sequence: int
+    type: str
+    timestamp: datetime
+    data: dict[str, Any]
+
+
+class JobEventsResponse(msgspec.Struct, kw_only=True):
+    """A job's full history in order."""
+
+    job_id: str
+    events: list[JobEvent]
+
+
+class CreateKeyRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /v1/admin/keys."""
+
+    role: Literal["client", "miner", "auditor", "admin"]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class CreateKeyResponse(msgspec.Struct, kw_only=True):
+    """The new key; `key` is shown this once and stored only as a hash."""
+
+    key_id: str
+    key: str
+    role: str
+    name: str
+
+
+class HealthResponse(msgspec.Struct, kw_only=True):
+    """Whether the API can reach its dependencies."""
+
+    status: Literal["ok", "unavailable"]
+    postgres: bool
+    nats: bool
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    """What went wrong, for people and programs."""
+
+    status: int
+    message: str
+    details: Any = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error answer has this shape."""
+
+    error: ErrorDetail

@@ -1,0 +1,205 @@
+"""The write side: `JobLedger`, an eventsourcing Application on PostgreSQL.
+
+Every command loads an aggregate, runs a domain command and saves the new events
+in one transaction with optimistic concurrency on the aggregate version. Queries
+return plain data, never aggregates. Library errors stop at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import msgspec
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+from psycopg.conninfo import conninfo_to_dict
+
+from domain.errors import IdempotencyConflict, InvalidJobRequest, JobNotFound
+from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id, job_id_of
+from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
+from projections.jobs import JobRow, fold
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """The outcome of a submission; `created` is False when an Idempotency-Key replayed it."""
+
+    job_id: str
+    estimated_cost: Any
+    estimated_time_seconds: int
+    created: bool
+    position: int
+
+
+class EventRecord(msgspec.Struct, frozen=True):
+    """One stored event of a job, as clients and auditors read it."""
+
+    sequence: int
+    type: str
+    timestamp: datetime
+    data: dict[str, Any]
+
+
+def event_type_name(event: object) -> str:
+    """'Job.Submitted' becomes 'JobSubmitted': past tense, prefixed by its aggregate."""
+    return type(event).__qualname__.replace(".", "")
+
+
+_ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+
+
+def postgres_env(dsn: str) -> dict[str, str]:
+    """The eventsourcing library's settings for the database a DSN names."""
+    parts = conninfo_to_dict(dsn)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(parts.get("dbname", "postgres")),
+        "POSTGRES_HOST": str(parts.get("host", "127.0.0.1")),
+        "POSTGRES_PORT": str(parts.get("port", "5432")),
+        "POSTGRES_USER": str(parts.get("user", "postgres")),
+        "POSTGRES_PASSWORD": str(parts.get("password", "")),
+        "POSTGRES_POOL_SIZE": "10",
+        "POSTGRES_MAX_OVERFLOW": "20",
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+        # Concurrent writers queue on the events table lock; give up after this long.
+        "POSTGRES_LOCK_TIMEOUT": "10",
+    }
+    return env
+
+
+class JobLedger(Application[UUID]):
+    """Commands on jobs and miners, recorded as events in `jobledger_events`."""
+
+    name = "JobLedger"
+
+    def __init__(self, env: dict[str, str], rates: RateTable | None = None) -> None:
+        super().__init__(env)
+        self.rates = rates or RateTable()
+
+    def submit(
+        self,
+        *,
+        owner: str,
+        spec: JobSpec,
+        idempotency_key: str | None,
+        history: RuntimeStats | None = None,
+    ) -> Submitted:
+        """Record a new job; with an Idempotency-Key, the same key always yields the same job."""
+        if self.rates.rate(spec.gpu_type) is None:
+            known = ", ".join(sorted(self.rates.per_gpu_hour))
+            raise InvalidJobRequest(
+                f"no price for gpu_type {spec.gpu_type!r}; known types: {known}",
+                details={"field": "requirements.gpu_type"},
+            )
+        guess = estimate(
+            self.rates,
+            gpu_type=spec.gpu_type,
+            gpu_count=spec.gpu_count,
+            priority=spec.priority,
+            timeout_seconds=spec.timeout_seconds,
+            history=history or NO_HISTORY,
+        )
+        aggregate_id = (
+            idempotent_aggregate_id(owner, idempotency_key) if idempotency_key else uuid4()
+        )
+        job = Job.submit(
+            aggregate_id=aggregate_id,
+            owner=owner,
+            spec=spec,
+            estimate=guess,
+            idempotency_key=idempotency_key,
+        )
+        try:
+            recordings = self.save(job)
+        except IntegrityError:
+            # Version 1 of this id exists: the key was used before (or concurrently).
+            return self._replay_submission(aggregate_id, job.request_fingerprint)
+        return Submitted(
+            job_id=job.job_id,
+            estimated_cost=guess.cost,
+            estimated_time_seconds=guess.seconds,
+            created=True,
+            position=recordings[-1].notification.id,
+        )
+
+    def _replay_submission(self, aggregate_id: UUID, fingerprint: str) -> Submitted:
+        original: Job = self.repository.get(aggregate_id)
+        if original.request_fingerprint != fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body",
+                details={"job_id": original.job_id},
+            )
+        return Submitted(
+            job_id=original.job_id,
+            estimated_cost=original.estimated_cost,
+            estimated_time_seconds=original.estimated_time_seconds,
+            created=False,
+            position=0,
+        )
+
+    def cancel(self, job_id: str, *, owner: str | None) -> tuple[JobRow, int]:
+        """Cancel a job (at once if pending); returns its view and the log position written."""
+        job = self._job(job_id, owner=owner)
+        job.request_cancel()
+        recordings = self.save(job)
+        position = recordings[-1].notification.id if recordings else 0
+        return self._row(aggregate_id_of(job_id)), position
+
+    def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
+        """A job's view folded straight from the log: authoritative, never behind."""
+        self._job(job_id, owner=owner)
+        return self._row(aggregate_id_of(job_id))
+
+    def job_events(self, job_id: str, *, owner: str | None) -> list[EventRecord]:
+        """Every event of a job, in order, with its per-job sequence number."""
+        self._job(job_id, owner=owner)
+        return [
+            EventRecord(
+                sequence=event.originator_version,
+                type=event_type_name(event),
+                timestamp=event.timestamp,
+                data={k: v for k, v in vars(event).items() if k not in _ENVELOPE_FIELDS},
+            )
+            for event in self._events(aggregate_id_of(job_id))
+        ]
+
+    def read_log(self, start: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to `limit` (position, domain event) pairs from `start` on, in log order."""
+        notifications = self.recorder.select_notifications(start=start, limit=limit)
+        return [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
+
+    def read_whole_log(self, batch_size: int = 1000) -> Iterator[list[tuple[int, Any]]]:
+        """The whole log in batches, for rebuilds and audits."""
+        start = 1
+        while batch := self.read_log(start, batch_size):
+            yield batch
+            start = batch[-1][0] + 1
+
+    def head(self) -> int:
+        """The position of the newest event in the log (0 when empty)."""
+        return self.recorder.max_notification_id() or 0
+
+    def _job(self, job_id: str, *, owner: str | None) -> Job:
+        try:
+            job: Job = self.repository.get(aggregate_id_of(job_id))
+        except AggregateNotFoundError:
+            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id}) from None
+        if owner is not None and job.owner != owner:
+            # Someone else's job is indistinguishable from no job at all.
+            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+        return job
+
+    def _events(self, aggregate_id: UUID) -> Sequence[Any]:
+        return list(self.events.get(aggregate_id))
+
+    def _row(self, aggregate_id: UUID) -> JobRow:
+        row: JobRow | None = None
+        for event in self._events(aggregate_id):
+            # The log position is only known to the projector; 0 sorts it last until then.
+            row = fold(row, event, row.seq if row else 0)
+        if row is None:
+            raise JobNotFound(f"job {job_id_of(aggregate_id)!r} not found")
+        return row
