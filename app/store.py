@@ -7,7 +7,7 @@ return plain data, never aggregates. Library errors stop at this boundary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -17,7 +17,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
 
-from domain.errors import IdempotencyConflict, InvalidJobRequest, JobNotFound
+from domain.errors import Conflict, IdempotencyConflict, InvalidJobRequest, JobNotFound
 from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id, job_id_of
 from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
 from projections.jobs import JobRow, fold
@@ -47,6 +47,7 @@ def event_type_name(event: object) -> str:
     return type(event).__qualname__.replace(".", "")
 
 
+_COMMAND_ATTEMPTS = 10
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
 
@@ -142,11 +143,25 @@ class JobLedger(Application[UUID]):
 
     def cancel(self, job_id: str, *, owner: str | None) -> tuple[JobRow, int]:
         """Cancel a job (at once if pending); returns its view and the log position written."""
-        job = self._job(job_id, owner=owner)
-        job.request_cancel()
-        recordings = self.save(job)
-        position = recordings[-1].notification.id if recordings else 0
+        position = self._command(job_id, owner, lambda job: job.request_cancel())
         return self._row(aggregate_id_of(job_id)), position
+
+    def _command(self, job_id: str, owner: str | None, command: Callable[[Job], None]) -> int:
+        """Run `command` on the job's latest version and save; returns the log position.
+
+        Optimistic concurrency: if another writer saved first, the version check
+        fails, and the command runs again on the fresh state, where the domain
+        decides anew (a second cancel of a job just canceled is then a 409).
+        """
+        for _ in range(_COMMAND_ATTEMPTS):
+            job = self._job(job_id, owner=owner)
+            command(job)
+            try:
+                recordings = self.save(job)
+            except IntegrityError:
+                continue
+            return recordings[-1].notification.id if recordings else 0
+        raise Conflict(f"job {job_id} is changing too fast; retry the request")
 
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""
