@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -27,7 +28,7 @@ class Submitted(msgspec.Struct, frozen=True):
     """The outcome of a submission; `created` is False when an Idempotency-Key replayed it."""
 
     job_id: str
-    estimated_cost: Any
+    estimated_cost: Decimal
     estimated_time_seconds: int
     created: bool
     position: int

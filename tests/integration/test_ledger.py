@@ -1,0 +1,148 @@
+"""The write side on a real PostgreSQL event store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import psycopg
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from app.store import JobLedger, postgres_env
+from domain.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InvalidJobRequest,
+    InvalidTransition,
+    JobNotFound,
+)
+from domain.jobs import Job, aggregate_id_of
+from tests.integration.helpers import spec
+
+
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[JobLedger]:
+    ledger = JobLedger(postgres_env(database_url))
+    yield ledger
+    ledger.close()
+
+
+def stored_events(database_url: str, job_id: str) -> list[tuple[int, str]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT originator_version, topic FROM jobledger_events "
+            "WHERE originator_id = %s ORDER BY originator_version",
+            (aggregate_id_of(job_id),),
+        ).fetchall()
+    return [(version, topic.rsplit(".", 1)[-1]) for version, topic in rows]
+
+
+def test_submission_is_one_stored_event(ledger: JobLedger, database_url: str) -> None:
+    outcome = ledger.submit(owner="alice", spec=spec(), idempotency_key=None)
+    assert outcome.created
+    assert outcome.estimated_cost == Decimal("0.05") and outcome.estimated_time_seconds == 600
+    assert stored_events(database_url, outcome.job_id) == [(1, "Submitted")]
+    assert ledger.head() == outcome.position
+
+
+def test_racing_idempotent_submissions_create_one_job(
+    ledger: JobLedger, database_url: str
+) -> None:
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(
+            pool.map(
+                lambda _: ledger.submit(owner="alice", spec=spec(), idempotency_key="k-1"),
+                range(20),
+            )
+        )
+    assert len({o.job_id for o in outcomes}) == 1
+    assert sum(o.created for o in outcomes) == 1
+    assert stored_events(database_url, outcomes[0].job_id) == [(1, "Submitted")]
+
+
+def test_idempotency_key_with_another_body_is_refused(ledger: JobLedger) -> None:
+    first = ledger.submit(owner="alice", spec=spec(), idempotency_key="k-2")
+    with pytest.raises(IdempotencyConflict) as refused:
+        ledger.submit(owner="alice", spec=spec(model="llama"), idempotency_key="k-2")
+    assert refused.value.details["job_id"] == first.job_id
+
+
+def test_idempotency_keys_belong_to_their_client(ledger: JobLedger) -> None:
+    alice = ledger.submit(owner="alice", spec=spec(), idempotency_key="shared")
+    bob = ledger.submit(owner="bob", spec=spec(), idempotency_key="shared")
+    assert alice.job_id != bob.job_id and bob.created
+
+
+def test_unknown_gpu_type_is_refused_before_anything_is_stored(ledger: JobLedger) -> None:
+    with pytest.raises(InvalidJobRequest, match="known types"):
+        ledger.submit(owner="alice", spec=spec(gpu_type="tpu9000"), idempotency_key=None)
+    assert ledger.head() == 0
+
+
+def test_versions_are_checked_optimistically(ledger: JobLedger) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    first: Job = ledger.repository.get(aggregate_id_of(job_id))
+    second: Job = ledger.repository.get(aggregate_id_of(job_id))
+    first.assign("miner_a")
+    second.assign("miner_b")
+    ledger.save(first)
+    with pytest.raises(IntegrityError):
+        ledger.save(second)
+    assert ledger.repository.get(aggregate_id_of(job_id)).miner_id == "miner_a"
+
+
+def test_concurrent_cancels_record_one_terminal_event(
+    ledger: JobLedger, database_url: str
+) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+
+    def cancel(_: int) -> str:
+        try:
+            ledger.cancel(job_id, owner="alice")
+        except InvalidTransition:
+            return "409"
+        except Conflict:
+            return "busy"
+        return "ok"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(cancel, range(50)))
+    assert answers.count("ok") == 1
+    assert answers.count("409") == 49
+    assert stored_events(database_url, job_id) == [(1, "Submitted"), (2, "Canceled")]
+
+
+def test_cancel_of_a_running_job_asks_the_miner_first(ledger: JobLedger) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    job: Job = ledger.repository.get(aggregate_id_of(job_id))
+    job.assign("miner_a")
+    job.start(attempt=1, miner_id="miner_a")
+    ledger.save(job)
+    row, position = ledger.cancel(job_id, owner="alice")
+    assert row.status == "canceling" and position > 0
+    # Asking again changes nothing and writes nothing.
+    row, position = ledger.cancel(job_id, owner="alice")
+    assert row.status == "canceling" and position == 0
+
+
+def test_other_owners_jobs_are_not_found(ledger: JobLedger) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    for read in (ledger.job_row, ledger.job_events):
+        with pytest.raises(JobNotFound):
+            read(job_id, owner="mallory")
+    with pytest.raises(JobNotFound):
+        ledger.cancel(job_id, owner="mallory")
+    assert ledger.job_row(job_id, owner=None).status == "pending"
+
+
+def test_events_read_back_in_order_with_their_data(ledger: JobLedger) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key="k").job_id
+    ledger.cancel(job_id, owner="alice")
+    events = ledger.job_events(job_id, owner="alice")
+    assert [(e.sequence, e.type) for e in events] == [(1, "JobSubmitted"), (2, "JobCanceled")]
+    assert events[0].timestamp <= events[1].timestamp
+    assert events[0].data["model"] == "gpt2"
+    assert events[0].data["idempotency_key"] == "k"
+    assert "originator_id" not in events[0].data
