@@ -37,7 +37,13 @@ def create_app(settings: Settings, *, run_projector: bool = True) -> Litestar:
         openapi_config=OpenAPIConfig(
             title="jobledger",
             version="1.0.0",
-            description="An event-sourced ledger for GPU compute jobs.",
+            description=(
+                "An event-sourced ledger for GPU compute jobs. Send an API key as "
+                "`X-Api-Key: <key>` or `Authorization: Bearer <key>`. Every authenticated "
+                "answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
+                "`X-RateLimit-Reset` (unix seconds) for the key's binding window; a 429 "
+                'adds `Retry-After`. Errors are `{"error": {status, message, details}}`.'
+            ),
             path="/schema",
             components=Components(
                 security_schemes={

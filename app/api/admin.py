@@ -33,7 +33,7 @@ class AdminController(Controller):
         "/keys",
         status_code=HTTP_201_CREATED,
         summary="Create an API key",
-        responses=openapi.errors(400, 401, 403, 422, 429),
+        responses=openapi.errors(401, 403, 422, 429),
     )
     async def create_key(self, state: State, data: CreateKeyRequest) -> CreateKeyResponse:
         """Create a key with a role; the plaintext key is returned this once."""

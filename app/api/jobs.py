@@ -163,8 +163,10 @@ class JobController(Controller):
         guards=[allow(Role.CLIENT)],
         status_code=HTTP_201_CREATED,
         summary="Submit a job",
-        responses=openapi.errors(400, 401, 403, 409, 413, 422, 429),
-        response_headers=openapi.RATE_LIMIT_HEADERS,
+        responses={
+            201: openapi.response(SubmitJobResponse, "the job is recorded", openapi.SUBMITTED),
+            **openapi.errors(401, 403, 409, 413, 422, 429),
+        },
     )
     async def submit(
         self,
@@ -208,7 +210,10 @@ class JobController(Controller):
         "/",
         guards=[allow(*READERS)],
         summary="List jobs",
-        responses=openapi.errors(401, 403, 422, 429),
+        responses={
+            200: openapi.response(JobListResponse, "a page of jobs", openapi.LISTED),
+            **openapi.errors(401, 403, 422, 429),
+        },
     )
     async def list_jobs(
         self,
@@ -293,7 +298,10 @@ class JobController(Controller):
         "/{job_id:str}",
         guards=[allow(*READERS)],
         summary="Job status",
-        responses=openapi.errors(401, 403, 404, 429),
+        responses={
+            200: openapi.response(JobStatusResponse, "the job", openapi.STATUS),
+            **openapi.errors(401, 403, 404, 429),
+        },
     )
     async def status(
         self, request: Request[Principal, Any, Any], state: State, job_id: str
@@ -327,6 +335,7 @@ class JobController(Controller):
         "/{job_id:str}/download",
         guards=[allow(*READERS)],
         summary="Download the result",
+        media_type="application/octet-stream",
         responses=openapi.errors(401, 403, 404, 409, 429),
     )
     async def download(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar.datastructures import ResponseHeader
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
 
@@ -37,29 +36,12 @@ SUBMIT: dict[str, Any] = {
     "timeout_seconds": 3600,
 }
 
-RATE_LIMIT_HEADERS = [
-    ResponseHeader(
-        documentation_only=True,
-        name="X-RateLimit-Limit",
-        description="requests allowed in the binding window",
-    ),
-    ResponseHeader(
-        documentation_only=True,
-        name="X-RateLimit-Remaining",
-        description="requests left in that window",
-    ),
-    ResponseHeader(
-        documentation_only=True,
-        name="X-RateLimit-Reset",
-        description="unix time when that window resets",
-    ),
-]
-
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
     """Response specs for the given error statuses, all with the standard error body."""
     specs: dict[int, ResponseSpec] = {}
-    for code in (*codes, 503):
+    # Always 400 (replacing Litestar's generic one, whose body differs) and 503.
+    for code in sorted({400, *codes, 503}):
         description, message = _ERRORS[code]
         example = {"error": {"status": code, "message": message, "details": None}}
         specs[code] = ResponseSpec(
@@ -70,6 +52,34 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
     return specs
 
 
-def response(container: type[Any], description: str) -> ResponseSpec:
-    """A documented non-default success answer."""
-    return ResponseSpec(data_container=container, description=description)
+def response(
+    container: type[Any], description: str, example: dict[str, Any] | None = None
+) -> ResponseSpec:
+    """A documented success answer, with an example when one helps."""
+    examples = [Example(summary=description, value=example)] if example else None
+    return ResponseSpec(data_container=container, description=description, examples=examples)
+
+
+# The seed's response examples.
+SUBMITTED: dict[str, Any] = {
+    "job_id": "job_0f8e2c1a9b7d4e6f8a0b1c2d3e4f5a6b",
+    "estimated_cost": 0.05,
+    "estimated_time_seconds": 600,
+}
+STATUS: dict[str, Any] = {
+    "job_id": "job_0f8e2c1a9b7d4e6f8a0b1c2d3e4f5a6b",
+    "status": "running",
+    "progress": 45,
+    "miner_id": "miner_5c0e1f2a3b4c4d5e8f9a0b1c2d3e4f5a",
+    "created_at": "2026-02-13T10:00:00Z",
+    "started_at": "2026-02-13T10:01:00Z",
+    "completed_at": None,
+    "result": None,
+    "model": "gpt2",
+    "priority": "normal",
+    "attempt": 1,
+    "estimated_cost": 0.05,
+    "cost": None,
+    "error": None,
+}
+LISTED: dict[str, Any] = {"jobs": [STATUS], "total": 1, "has_more": False, "next_cursor": None}
