@@ -16,11 +16,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import eventsourcing.persistence
 import msgspec
 import psycopg
 
 from app.config import ConfigError, Settings
-from app.embedded import EmbeddedServiceError, embedded_services
+from app.embedded import (
+    EMBEDDED_DATABASE,
+    EmbeddedPostgres,
+    EmbeddedServiceError,
+    embedded_services,
+    ensure_database,
+)
 
 log = logging.getLogger("jobledger.cli")
 RUNTIME_FILE = "serve.json"
@@ -41,23 +48,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def resolved_services(settings: Settings) -> Iterator[Settings]:
-    """Settings with database and NATS URLs: given ones, a running `serve`'s, or embedded ones."""
-    if settings.database_url and settings.nats_url:
-        yield settings
+def ledger_database(settings: Settings) -> Iterator[str]:
+    """The ledger's DSN: the configured one, a running `serve`'s, or an embedded server's."""
+    if settings.database_url:
+        yield settings.database_url
         return
     runtime = _runtime_path(settings)
     if runtime.exists():
         running = json.loads(runtime.read_text())
         if _pid_alive(int(running["pid"])):
-            yield msgspec.structs.replace(
-                settings,
-                database_url=settings.database_url or running["database_url"],
-                nats_url=settings.nats_url or running["nats_url"],
-            )
+            yield str(running["database_url"])
             return
-    with embedded_services(settings.home, settings.database_url, settings.nats_url) as urls:
-        yield msgspec.structs.replace(settings, database_url=urls[0], nats_url=urls[1])
+    postgres = EmbeddedPostgres(settings.home / "postgres")
+    try:
+        yield ensure_database(postgres.start(), EMBEDDED_DATABASE)
+    finally:
+        postgres.stop()
 
 
 def serve(settings: Settings, port: int | None, host: str | None) -> int:
@@ -104,9 +110,8 @@ def create_key(settings: Settings, role: str, name: str) -> int:
             principal, key = await keys.ApiKeys(pool).create(keys.Role(role), name)
         return {"key_id": principal.key_id, "key": key, "role": role, "name": principal.name}
 
-    with resolved_services(settings) as resolved:
-        assert resolved.database_url is not None
-        print(json.dumps(asyncio.run(create(resolved.database_url)), indent=2))
+    with ledger_database(settings) as dsn:
+        print(json.dumps(asyncio.run(create(dsn)), indent=2))
     return 0
 
 
@@ -120,9 +125,8 @@ def revoke_key(settings: Settings, key_id: str) -> int:
         async with AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False) as pool:
             return await keys.ApiKeys(pool).revoke(key_id)
 
-    with resolved_services(settings) as resolved:
-        assert resolved.database_url is not None
-        if not asyncio.run(revoke(resolved.database_url)):
+    with ledger_database(settings) as dsn:
+        if not asyncio.run(revoke(dsn)):
             print(f"jobledger: key {key_id!r} not found or already revoked", file=sys.stderr)
             return 1
     print(f"revoked {key_id}")
@@ -134,14 +138,13 @@ def rebuild_projections(settings: Settings) -> int:
     from app.projector import rebuild
     from app.store import JobLedger, postgres_env
 
-    with resolved_services(settings) as resolved:
-        assert resolved.database_url is not None
-        ledger = JobLedger(postgres_env(resolved.database_url))
+    with ledger_database(settings) as dsn:
+        ledger = JobLedger(postgres_env(dsn))
         try:
-            position = rebuild(ledger, resolved.database_url)
+            position = rebuild(ledger, dsn)
         finally:
             ledger.close()
-        with psycopg.connect(resolved.database_url) as conn:
+        with psycopg.connect(dsn) as conn:
             found = conn.execute("SELECT count(*) FROM jobledger_job_views").fetchone()
     jobs = found[0] if found else 0
     print(f"rebuilt job views: {jobs} jobs, log position {position}")
@@ -196,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EmbeddedServiceError, ValueError) as error:
         print(f"jobledger: {error}", file=sys.stderr)
         return 2
-    except psycopg.OperationalError as error:
+    except (psycopg.OperationalError, eventsourcing.persistence.OperationalError) as error:
         print(f"jobledger: cannot reach PostgreSQL: {error}", file=sys.stderr)
         return 3
 

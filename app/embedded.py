@@ -29,6 +29,8 @@ from psycopg.conninfo import make_conninfo
 logger = logging.getLogger("jobledger.embedded")
 
 HOST = "127.0.0.1"
+# The database the ledger uses on an embedded server.
+EMBEDDED_DATABASE = "jobledger"
 # Ports that a locally installed PostgreSQL / NATS may own; an embedded server never takes them.
 _WELL_KNOWN_PORTS = frozenset({4222, 5432, 6222, 8222})
 _START_ATTEMPTS = 3
@@ -420,7 +422,7 @@ def embedded_services(
         if database_url is None:
             postgres = EmbeddedPostgres(home / "postgres")
             started.callback(postgres.stop)
-            database_url = ensure_database(postgres.start(), "jobledger")
+            database_url = ensure_database(postgres.start(), EMBEDDED_DATABASE)
         if nats_url is None:
             nats = EmbeddedNats(home / "nats")
             started.callback(nats.stop)
