@@ -15,12 +15,20 @@ import logging
 import threading
 from typing import Any
 
+import eventsourcing.persistence
 import psycopg
 
 from app.store import JobLedger
 from projections import tables
 
 log = logging.getLogger("jobledger.projector")
+# What a lost or restarting database raises, through psycopg or the event store.
+_DATABASE_DOWN = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
+)
 
 
 class Projector:
@@ -40,14 +48,15 @@ class Projector:
 
     def run(self, stop: threading.Event) -> None:
         """Follow the log until `stop` is set, reconnecting after database failures."""
-        backoff = 0.1
+        failures = 0
         while not stop.is_set():
             try:
                 self._follow(stop)
-            except psycopg.OperationalError as error:
+            except _DATABASE_DOWN as error:
+                failures += 1
+                backoff = min(0.1 * 2**failures, 5.0)
                 log.warning("projector lost the database (%s); retrying in %.1fs", error, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
 
     def _follow(self, stop: threading.Event) -> None:
         channel = self._ledger.recorder.channel_name  # type: ignore[attr-defined]
@@ -126,7 +135,7 @@ class ViewPosition:
                     backoff = 0.1
                     async for notify in conn.notifies():
                         await self._advance(int(notify.payload))
-            except psycopg.OperationalError as error:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 log.warning("view listener lost the database (%s); retrying", error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

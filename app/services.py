@@ -72,7 +72,13 @@ async def open_services(
         ledger = await to_thread.run_sync(_prepare_database, dsn)
         stack.callback(ledger.close)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            dsn, min_size=2, max_size=20, open=False, kwargs={"options": "-c timezone=UTC"}
+            dsn,
+            min_size=2,
+            max_size=20,
+            open=False,
+            kwargs={"options": "-c timezone=UTC"},
+            # A connection broken by a database restart is replaced, not handed out.
+            check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)

@@ -181,6 +181,7 @@ class JobController(Controller):
                 header="Idempotency-Key",
                 min_length=1,
                 max_length=255,
+                pattern=r"^[\x21-\x7e]+$",
                 description="retries with the same key return the original job, never a second",
             ),
         ] = None,

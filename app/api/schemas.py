@@ -46,7 +46,16 @@ class Requirements(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SubmitJobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """POST /v1/jobs. Unknown fields (status, owner, cost, ...) are rejected, not ignored."""
 
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200, examples=["gpt2"])]
+    model: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$",
+            description="model name: letters, digits and . _ / : @ + -",
+            examples=["gpt2", "meta-llama/Llama-3.1-8B"],
+        ),
+    ]
     input: Annotated[str, msgspec.Meta(description="the input text (or, later, a file_id)")]
     requirements: Requirements
     output_config: OutputConfig = msgspec.field(default_factory=OutputConfig)
