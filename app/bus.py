@@ -63,6 +63,7 @@ class Bus:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             else:
-                log.info("connected to NATS at %s", self._client.connected_url)
+                url = self._client.connected_url
+                log.info("connected to NATS at %s", url.netloc if url else self._servers)
                 self.connected.set()
                 return

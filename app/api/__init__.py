@@ -55,5 +55,7 @@ def create_app(settings: Settings, *, run_projector: bool = True) -> Litestar:
             ),
             security=[{"apiKey": []}, {"bearer": []}],
         ),
+        # Logging is configured once by the process (the CLI), not by the framework.
+        logging_config=None,
         debug=False,
     )
