@@ -16,12 +16,16 @@ class InvalidJobRequest(DomainError):
     """A submission names something the ledger cannot price or run (HTTP 422)."""
 
 
-class JobNotFound(DomainError):
-    """No job with that id exists for the caller (HTTP 404)."""
+class NotFound(DomainError):
+    """The thing named does not exist, or not for this caller (HTTP 404)."""
 
 
-class MinerNotFound(DomainError):
-    """No miner with that id exists (HTTP 404)."""
+class JobNotFound(NotFound):
+    """No job with that id exists for the caller."""
+
+
+class MinerNotFound(NotFound):
+    """No miner with that id exists."""
 
 
 class Conflict(DomainError):

@@ -394,4 +394,3 @@ class Job(Aggregate):
             )
         if self.status not in ALLOWED_FROM[command]:
             raise InvalidTransition(self.job_id, self.status.value, command)
-

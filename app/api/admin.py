@@ -14,11 +14,11 @@ from app.api.errors import LedgerResponse
 from app.api.jobs import services_of
 from app.api.schemas import CreateKeyRequest, CreateKeyResponse
 from app.keys import Role
-from domain.errors import DomainError, InvalidJobRequest
+from domain.errors import InvalidJobRequest, NotFound
 
 
-class KeyNotFound(DomainError):
-    """No such key."""
+class KeyNotFound(NotFound):
+    """No such live key."""
 
 
 class AdminController(Controller):

@@ -12,7 +12,6 @@ import psycopg
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import (
-    HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_422_UNPROCESSABLE_ENTITY,
@@ -26,8 +25,7 @@ from domain.errors import (
     Conflict,
     DomainError,
     InvalidJobRequest,
-    JobNotFound,
-    MinerNotFound,
+    NotFound,
 )
 
 log = logging.getLogger("jobledger.api")
@@ -42,10 +40,11 @@ _UNAVAILABLE = (
 # Money goes out as JSON numbers written from the Decimal's digits, never through a float.
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 _PATH = re.compile(r" - at `\$(?:\.data)?\.?([^`]*)`")
+_NAMED_FIELD = re.compile(r"(?:unknown|required) field `([^`]+)`")
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']+)'")
 
 _DOMAIN_STATUS: tuple[tuple[type[DomainError], int], ...] = (
-    (JobNotFound, HTTP_404_NOT_FOUND),
-    (MinerNotFound, HTTP_404_NOT_FOUND),
+    (NotFound, HTTP_404_NOT_FOUND),
     (Conflict, HTTP_409_CONFLICT),
     (InvalidJobRequest, HTTP_422_UNPROCESSABLE_ENTITY),
 )
@@ -80,21 +79,40 @@ def _validation_errors(exc: ValidationException) -> tuple[str, list[dict[str, st
     match = _PATH.search(cause)
     errors: list[dict[str, str]] = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
+        message = str(item.get("message", ""))
         field = match.group(1) if match and item.get("source") == "body" else item.get("key", "")
-        errors.append({"field": field or "body", "message": str(item.get("message", ""))})
+        if named := _NAMED_FIELD.search(message):
+            # "Object contains unknown field `cost`": the field is the one named, not its parent.
+            field = f"{field}.{named.group(1)}" if field else named.group(1)
+        errors.append({"field": field or "body", "message": message})
     if not errors:
-        return str(exc.detail), []
+        missing = _MISSING_PARAMETER.search(str(exc.detail))
+        field = missing.group(1) if missing else "request"
+        return f"invalid request: {exc.detail}", [{"field": field, "message": str(exc.detail)}]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return f"invalid request: {summary}", errors
+
+
+def strict_validation_error(error: msgspec.ValidationError) -> InvalidJobRequest:
+    """A 422 for a body that only lax decoding would accept (e.g. "3600" for an integer)."""
+    text = str(error)
+    match = _PATH.search(text)
+    message = _PATH.sub("", text)
+    field = match.group(1) if match else ""
+    if named := _NAMED_FIELD.search(message):
+        field = f"{field}.{named.group(1)}" if field else named.group(1)
+    field = field or "body"
+    return InvalidJobRequest(
+        f"invalid request: {field}: {message}",
+        details={"errors": [{"field": field, "message": message}]},
+    )
 
 
 def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own exceptions: validation (422), malformed bodies (400), auth, limits."""
     if isinstance(exc, ValidationException):
         message, errors = _validation_errors(exc)
-        if errors:
-            return error_response(HTTP_422_UNPROCESSABLE_ENTITY, message, {"errors": errors})
-        return error_response(HTTP_400_BAD_REQUEST, message)
+        return error_response(HTTP_422_UNPROCESSABLE_ENTITY, message, {"errors": errors})
     if exc.status_code >= HTTP_500_INTERNAL_SERVER_ERROR and exc.status_code != 503:
         log.error("server error on %s %s: %s", request.method, request.url.path, exc.detail)
     return error_response(exc.status_code, str(exc.detail), exc.extra or None, exc.headers)
@@ -110,6 +128,8 @@ def handle_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """A bug or an outage: log it whole, tell the client nothing internal."""
+    if isinstance(exc, UnicodeDecodeError):
+        return error_response(400, "invalid request: the body is not valid UTF-8")
     if isinstance(exc, _UNAVAILABLE):
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         return error_response(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.openapi.spec import Example
@@ -15,7 +17,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPT
 
 from app.api import openapi
 from app.api.auth import allow, owner_filter
-from app.api.errors import LedgerResponse
+from app.api.errors import LedgerResponse, strict_validation_error
 from app.api.schemas import (
     HistoryResponse,
     HistoryTotals,
@@ -30,10 +32,13 @@ from app.keys import Principal, Role
 from app.services import Services
 from domain.errors import Conflict, InvalidJobRequest, JobNotFound
 from domain.gpus import normalize_gpu_type
-from domain.jobs import JobSpec, JobStatus
+from domain.jobs import JobSpec, JobStatus, aggregate_id_of
 from projections.jobs import JobRow
 
 MAX_PAGE = 100
+_STRICT_SUBMIT = msgspec.json.Decoder(SubmitJobRequest)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _CURSOR_PREFIX = "seq:"
 
 
@@ -86,26 +91,18 @@ def decode_cursor(cursor: str | None) -> int | None:
 def parse_bound(value: str, field: str, *, end: bool) -> datetime:
     """A history bound: YYYY-MM-DD (the whole day, inclusive) or an RFC 3339 time with offset."""
     try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        pass
-    else:
-        if len(value) == 10:
-            moment = datetime.combine(day, time.min, tzinfo=UTC)
+        if _DATE.fullmatch(value):
+            moment = datetime.combine(date.fromisoformat(value), time.min, tzinfo=UTC)
             return moment + timedelta(days=1, microseconds=-1) if end else moment
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidJobRequest(
-            f"{field} must be a date (YYYY-MM-DD) or an RFC 3339 time, got {value!r}",
-            details={"field": field},
-        ) from None
-    if moment.tzinfo is None:
-        raise InvalidJobRequest(
-            f"{field} needs a UTC offset (e.g. 2026-01-31T23:59:59Z), got {value!r}",
-            details={"field": field},
-        )
-    return moment.astimezone(UTC)
+        if _RFC3339.fullmatch(value):
+            return datetime.fromisoformat(value.upper().replace(" ", "T")).astimezone(UTC)
+    except (ValueError, OverflowError):
+        pass  # shaped right but impossible: 2026-02-30, or 0001-01-01T00:00:00+05:00
+    raise InvalidJobRequest(
+        f"{field} must be a date (YYYY-MM-DD) or an RFC 3339 time with an offset "
+        f"(2026-01-31T23:59:59Z), got {value!r}",
+        details={"field": field},
+    )
 
 
 def to_spec(data: SubmitJobRequest, services: Services) -> JobSpec:
@@ -140,6 +137,7 @@ def to_spec(data: SubmitJobRequest, services: Services) -> JobSpec:
 async def load_row(services: Services, principal: Principal, job_id: str) -> JobRow:
     """The job's view row; straight from the log if the projector has not reached it yet."""
     owner = owner_filter(principal)
+    aggregate_id_of(job_id)  # a malformed id is not found without asking the database
     row = await services.queries.get(job_id)
     if row is None:
         return await services.run(services.ledger.job_row, job_id, owner=owner)
@@ -188,6 +186,12 @@ class JobController(Controller):
     ) -> Response[SubmitJobResponse]:
         """Submit a job; answers once it is durable and visible in the status view."""
         services = services_of(state)
+        # Litestar decoded `data` leniently ("3600" would pass for 3600); a ledger
+        # takes only exact types, so the body is decoded once more, strictly.
+        try:
+            data = _STRICT_SUBMIT.decode(await request.body())
+        except msgspec.ValidationError as error:
+            raise strict_validation_error(error) from None
         spec = to_spec(data, services)
         history = await services.queries.runtime_stats(spec.model, spec.gpu_type)
         outcome = await services.run(
