@@ -77,8 +77,6 @@ async def open_services(
             max_size=20,
             open=False,
             kwargs={"options": "-c timezone=UTC"},
-            # A connection broken by a database restart is replaced, not handed out.
-            check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)
