@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -66,8 +67,30 @@ def ledger_database(settings: Settings) -> Iterator[str]:
         postgres.stop()
 
 
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: unwind, stopping everything we started on the way out."""
+
+
+def _request_stop(signum: int, _: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def serve(settings: Settings, port: int | None, host: str | None) -> int:
     """Run the API (and its projector) until Ctrl-C or SIGTERM, then stop what we started."""
+    # uvicorn handles the signal itself (a graceful shutdown of the API), then restores
+    # these handlers and raises the signal again: that unwinds the embedded servers.
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(settings, port, host)
+    except StopRequested as stop:
+        log.info("stopped by %s", stop)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(settings: Settings, port: int | None, host: str | None) -> int:
     import uvicorn
 
     from app.api import create_app

@@ -80,6 +80,10 @@ def _validation_errors(exc: ValidationException) -> tuple[str, list[dict[str, st
     errors: list[dict[str, str]] = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
         message = str(item.get("message", ""))
+        if item.get("key") == "data" and message == "'data'":
+            # Litestar's words for a request with no body at all.
+            errors.append({"field": "body", "message": "a JSON body is required"})
+            continue
         field = match.group(1) if match and item.get("source") == "body" else item.get("key", "")
         if named := _NAMED_FIELD.search(message):
             # "Object contains unknown field `cost`": the field is the one named, not its parent.

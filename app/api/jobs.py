@@ -253,26 +253,33 @@ class JobController(Controller):
         self,
         request: Request[Principal, Any, Any],
         state: State,
+        # Required, but checked here so that one answer names every missing bound.
         window_from: Annotated[
-            str,
+            str | None,
             Parameter(
                 query="from",
-                description="YYYY-MM-DD or RFC 3339",
+                description="required: YYYY-MM-DD or RFC 3339",
                 examples=[Example(value="2026-01-01")],
             ),
-        ],
+        ] = None,
         window_to: Annotated[
-            str,
+            str | None,
             Parameter(
                 query="to",
-                description="YYYY-MM-DD or RFC 3339 (inclusive)",
+                description="required: YYYY-MM-DD or RFC 3339 (inclusive)",
                 examples=[Example(value="2026-01-31")],
             ),
-        ],
+        ] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
         cursor: Annotated[str | None, Parameter(max_length=200)] = None,
     ) -> HistoryResponse:
         """Jobs created between `from` and `to` inclusive; totals cover the whole window."""
+        missing = [name for name, value in (("from", window_from), ("to", window_to)) if not value]
+        if window_from is None or window_to is None or missing:
+            raise InvalidJobRequest(
+                f"history needs {' and '.join(missing)}: a date (YYYY-MM-DD) or an RFC 3339 time",
+                details={"errors": [{"field": name, "message": "required"} for name in missing]},
+            )
         start = parse_bound(window_from, "from", end=False)
         end = parse_bound(window_to, "to", end=True)
         if start > end:
