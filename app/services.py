@@ -49,7 +49,7 @@ class Services:
 
 
 def _prepare_database(dsn: str) -> JobLedger:
-    """Create every table (once, under an advisory lock) and open the ledger."""
+    """Create the event store and view tables (under an advisory lock) and open the ledger."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_ID,))
         try:
@@ -61,9 +61,7 @@ def _prepare_database(dsn: str) -> JobLedger:
 
 
 @contextlib.asynccontextmanager
-async def open_services(
-    settings: Settings, *, run_projector: bool = True
-) -> AsyncIterator[Services]:
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Open the pool, ledger, NATS connection and background workers; close them in reverse."""
     if settings.database_url is None or settings.nats_url is None:
         raise ValueError("open_services needs database_url and nats_url (serve resolves them)")
@@ -90,14 +88,13 @@ async def open_services(
         await views.start()
         stack.push_async_callback(views.stop)
 
-        if run_projector:
-            stop = threading.Event()
-            worker = threading.Thread(
-                target=Projector(ledger, dsn).run, args=(stop,), name="projector", daemon=True
-            )
-            worker.start()
-            stack.callback(worker.join, 10)
-            stack.callback(stop.set)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=Projector(ledger, dsn).run, args=(stop,), name="projector", daemon=True
+        )
+        worker.start()
+        stack.callback(worker.join, 10)
+        stack.callback(stop.set)
 
         bus = Bus([url.strip() for url in settings.nats_url.split(",")], name="jobledger-api")
         await bus.start()

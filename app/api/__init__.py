@@ -18,12 +18,12 @@ from app.config import Settings
 from app.services import open_services
 
 
-def create_app(settings: Settings, *, run_projector: bool = True) -> Litestar:
+def create_app(settings: Settings) -> Litestar:
     """The API with its services opened in the lifespan and closed in reverse on shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_services(settings, run_projector=run_projector) as services:
+        async with open_services(settings) as services:
             app.state.services = services
             yield
 

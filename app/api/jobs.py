@@ -274,8 +274,9 @@ class JobController(Controller):
         cursor: Annotated[str | None, Parameter(max_length=200)] = None,
     ) -> HistoryResponse:
         """Jobs created between `from` and `to` inclusive; totals cover the whole window."""
-        missing = [name for name, value in (("from", window_from), ("to", window_to)) if not value]
-        if window_from is None or window_to is None or missing:
+        if not window_from or not window_to:
+            bounds = (("from", window_from), ("to", window_to))
+            missing = [name for name, value in bounds if not value]
             raise InvalidJobRequest(
                 f"history needs {' and '.join(missing)}: a date (YYYY-MM-DD) or an RFC 3339 time",
                 details={"errors": [{"field": name, "message": "required"} for name in missing]},

@@ -27,9 +27,10 @@ _ERRORS = {
     503: ("a dependency is unavailable; retry shortly", "the ledger's database is unavailable"),
 }
 
+# The client API reference's request, verbatim.
 SUBMIT: dict[str, Any] = {
     "model": "gpt2",
-    "input": "Hello, GPU",
+    "input": "string or file_id",
     "output_config": {"destination": "local", "format": "json"},
     "requirements": {"gpu_type": "v100", "gpu_count": 1, "min_vram_gb": 16},
     "priority": "normal",
