@@ -72,7 +72,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             min_size=2,
-            max_size=20,
+            max_size=10,
             open=False,
             kwargs={"options": "-c timezone=UTC"},
         )

@@ -62,8 +62,9 @@ def postgres_env(dsn: str) -> dict[str, str]:
         "POSTGRES_PORT": str(parts.get("port", "5432")),
         "POSTGRES_USER": str(parts.get("user", "postgres")),
         "POSTGRES_PASSWORD": str(parts.get("password", "")),
-        "POSTGRES_POOL_SIZE": "10",
-        "POSTGRES_MAX_OVERFLOW": "20",
+        # Writers queue on the events table lock, so more connections add no throughput.
+        "POSTGRES_POOL_SIZE": "5",
+        "POSTGRES_MAX_OVERFLOW": "10",
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_PRE_PING": "y",
         # Concurrent writers queue on the events table lock; give up after this long.

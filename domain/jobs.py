@@ -378,6 +378,8 @@ class Job(Aggregate):
 
     def requeue(self, cause: RequeueCause) -> None:
         """Take the job back from its miner and make it pending again as the next attempt."""
+        if cause not in set(RequeueCause):
+            raise InvalidJobRequest(f"unknown requeue cause {cause!r}", details={"field": "cause"})
         self._require("requeue")
         self.trigger_event(
             self.Requeued,

@@ -243,7 +243,7 @@ def test_requeue_with_an_unknown_cause_records_nothing() -> None:
     job = running()
     job.collect_events()
     before = snapshot(job)
-    with pytest.raises(ValueError, match="gremlins"):
+    with pytest.raises(InvalidJobRequest, match="gremlins"):
         job.requeue("gremlins")  # type: ignore[arg-type]
     assert job.collect_events() == []
     assert snapshot(job) == before
