@@ -176,7 +176,11 @@ def rebuild_projections(settings: Settings) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line, documented in README.md and docs/operations.md."""
-    top = argparse.ArgumentParser(prog="jobledger", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="jobledger",
+        description="jobledger: an event-sourced ledger for GPU compute jobs.",
+        epilog="Configured by JOBLEDGER_* environment variables; see docs/operations.md.",
+    )
     commands = top.add_subparsers(dest="command", required=True)
 
     serve_cmd = commands.add_parser("serve", help="run the API with its workers")
@@ -187,8 +191,10 @@ def parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True
     )
     create = keys_cmd.add_parser("create", help="create a key and print it once")
-    create.add_argument("--role", required=True, choices=["client", "miner", "auditor", "admin"])
-    create.add_argument("--name", required=True)
+    create.add_argument(
+        "--role", required=True, choices=["client", "miner", "auditor", "admin"], help="its role"
+    )
+    create.add_argument("--name", required=True, help="who holds it (1-100 characters)")
     revoke = keys_cmd.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
 
