@@ -60,18 +60,19 @@ class LedgerResponse(Response[Any]):
         return super().render(content, media_type, enc_hook)
 
 
-class ServiceUnavailable(HTTPException):
-    """A dependency (PostgreSQL, NATS) cannot be reached right now."""
-
-    status_code = HTTP_503_SERVICE_UNAVAILABLE
-
-
 def error_response(
     status: int, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> Response[Any]:
     """The standard error body."""
     body = ErrorBody(error=ErrorDetail(status=status, message=message, details=details))
     return LedgerResponse(body, status_code=status, headers=headers, media_type=MediaType.JSON)
+
+
+def _field_of(path: str, message: str) -> str:
+    """The field an error is about: its path, or for "unknown field `cost`", the field named."""
+    if named := _NAMED_FIELD.search(message):
+        return f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or "body"
 
 
 def _validation_errors(exc: ValidationException) -> tuple[str, list[dict[str, str]]]:
@@ -84,11 +85,8 @@ def _validation_errors(exc: ValidationException) -> tuple[str, list[dict[str, st
             # Litestar's words for a request with no body at all.
             errors.append({"field": "body", "message": "a JSON body is required"})
             continue
-        field = match.group(1) if match and item.get("source") == "body" else item.get("key", "")
-        if named := _NAMED_FIELD.search(message):
-            # "Object contains unknown field `cost`": the field is the one named, not its parent.
-            field = f"{field}.{named.group(1)}" if field else named.group(1)
-        errors.append({"field": field or "body", "message": message})
+        path = match.group(1) if match and item.get("source") == "body" else item.get("key", "")
+        errors.append({"field": _field_of(str(path), message), "message": message})
     if not errors:
         missing = _MISSING_PARAMETER.search(str(exc.detail))
         field = missing.group(1) if missing else "request"
@@ -102,10 +100,7 @@ def strict_validation_error(error: msgspec.ValidationError) -> InvalidJobRequest
     text = str(error)
     match = _PATH.search(text)
     message = _PATH.sub("", text)
-    field = match.group(1) if match else ""
-    if named := _NAMED_FIELD.search(message):
-        field = f"{field}.{named.group(1)}" if field else named.group(1)
-    field = field or "body"
+    field = _field_of(match.group(1) if match else "", message)
     return InvalidJobRequest(
         f"invalid request: {field}: {message}",
         details={"errors": [{"field": field, "message": message}]},
