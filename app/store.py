@@ -19,7 +19,7 @@ from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
 
 from domain.errors import Conflict, IdempotencyConflict, InvalidJobRequest, JobNotFound
-from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id, job_id_of
+from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id
 from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
 from projections.jobs import JobRow, fold
 
@@ -146,7 +146,7 @@ class JobLedger(Application[UUID]):
     def cancel(self, job_id: str, *, owner: str | None) -> tuple[JobRow, int]:
         """Cancel a job (at once if pending); returns its view and the log position written."""
         position = self._command(job_id, owner, lambda job: job.request_cancel())
-        return self._row(aggregate_id_of(job_id)), position
+        return _fold(self._owned_events(job_id, owner=None)), position
 
     def _command(self, job_id: str, owner: str | None, command: Callable[[Job], None]) -> int:
         """Run `command` on the job's latest version and save; returns the log position.
@@ -167,12 +167,10 @@ class JobLedger(Application[UUID]):
 
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""
-        self._job(job_id, owner=owner)
-        return self._row(aggregate_id_of(job_id))
+        return _fold(self._owned_events(job_id, owner=owner))
 
     def job_events(self, job_id: str, *, owner: str | None) -> list[EventRecord]:
         """Every event of a job, in order, with its per-job sequence number."""
-        self._job(job_id, owner=owner)
         return [
             EventRecord(
                 sequence=event.originator_version,
@@ -180,7 +178,7 @@ class JobLedger(Application[UUID]):
                 timestamp=event.timestamp,
                 data={k: v for k, v in vars(event).items() if k not in _ENVELOPE_FIELDS},
             )
-            for event in self._events(aggregate_id_of(job_id))
+            for event in self._owned_events(job_id, owner=owner)
         ]
 
     def read_log(self, start: int, limit: int) -> list[tuple[int, Any]]:
@@ -209,14 +207,19 @@ class JobLedger(Application[UUID]):
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
         return job
 
-    def _events(self, aggregate_id: UUID) -> Sequence[Any]:
-        return list(self.events.get(aggregate_id))
+    def _owned_events(self, job_id: str, *, owner: str | None) -> Sequence[Any]:
+        """The job's events in one read; none, or someone else's, is not found."""
+        events: list[Any] = list(self.events.get(aggregate_id_of(job_id)))
+        if not events or (owner is not None and events[0].owner != owner):
+            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+        return events
 
-    def _row(self, aggregate_id: UUID) -> JobRow:
-        row: JobRow | None = None
-        for event in self._events(aggregate_id):
-            # The log position is only known to the projector; 0 sorts it last until then.
-            row = fold(row, event, row.seq if row else 0)
-        if row is None:
-            raise JobNotFound(f"job {job_id_of(aggregate_id)!r} not found")
-        return row
+
+def _fold(events: Sequence[Any]) -> JobRow:
+    """A job's view row from its events (the first is always JobSubmitted)."""
+    row: JobRow | None = None
+    for event in events:
+        # The log position is only known to the projector; 0 sorts it last until then.
+        row = fold(row, event, row.seq if row else 0)
+    assert row is not None  # _owned_events never returns an empty list
+    return row
