@@ -29,6 +29,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     s3_allowed_buckets: frozenset[str] = frozenset()
     # How long a write waits for the views to include it before answering.
     view_wait_seconds: float = 5.0
+    # The subject namespace on NATS (docs/protocol.md); lets ledgers share a NATS server.
+    nats_prefix: str = "jobledger"
+    # A miner silent for this long is offline and loses its assignments.
+    lease_seconds: float = 30.0
+    # A job whose attempts keep getting lost fails after this many.
+    max_attempts: int = 3
+    # How long a canceling job waits for its miner's confirmation before it is canceled anyway.
+    cancel_grace_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -50,14 +58,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be at least {minimum}, got {value}")
             return value
 
-        def number(name: str, default: float) -> float:
+        def number(name: str, default: float, minimum: float = 0.0) -> float:
             raw = text(name)
             if raw is None:
                 return default
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+            if not value >= minimum:  # also refuses nan
+                raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+            return value
 
         def switch(name: str, default: bool) -> bool:
             raw = text(name)
@@ -84,4 +95,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             s3_endpoint_url=text("JOBLEDGER_S3_ENDPOINT_URL"),
             s3_allowed_buckets=frozenset(b.strip() for b in buckets.split(",") if b.strip()),
             view_wait_seconds=number("JOBLEDGER_VIEW_WAIT_SECONDS", 5.0),
+            nats_prefix=text("JOBLEDGER_NATS_PREFIX") or "jobledger",
+            lease_seconds=number("JOBLEDGER_LEASE_SECONDS", 30.0, minimum=1.0),
+            max_attempts=integer("JOBLEDGER_MAX_ATTEMPTS", 3, minimum=1),
+            cancel_grace_seconds=number("JOBLEDGER_CANCEL_GRACE_SECONDS", 30.0, minimum=0.0),
         )

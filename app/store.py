@@ -18,8 +18,15 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
 
-from domain.errors import Conflict, IdempotencyConflict, InvalidJobRequest, JobNotFound
+from domain.errors import (
+    Conflict,
+    IdempotencyConflict,
+    InvalidJobRequest,
+    JobNotFound,
+    MinerNotFound,
+)
 from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id
+from domain.miners import Capabilities, Miner, miner_aggregate_id_of
 from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
 from projections.jobs import JobRow, fold
 
@@ -147,6 +154,50 @@ class JobLedger(Application[UUID]):
         """Cancel a job (at once if pending); returns its view and the log position written."""
         position = self._command(job_id, owner, lambda job: job.request_cancel())
         return _fold(self._owned_events(job_id, owner=None)), position
+
+    def change_job(self, job_id: str, command: Callable[[Job], None]) -> int:
+        """Run a command on a job for the ledger's own workers; returns the log position."""
+        return self._command(job_id, None, command)
+
+    def job(self, job_id: str) -> Job:
+        """A job's current state, for workers that decide what to do with it."""
+        return self._job(job_id, owner=None)
+
+    def job_at(self, job_id: str, version: int) -> Job:
+        """A job as it was right after its event number `version` (for the relay)."""
+        try:
+            job: Job = self.repository.get(aggregate_id_of(job_id), version=version)
+        except AggregateNotFoundError:
+            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id}) from None
+        return job
+
+    def register_miner(self, name: str, capabilities: Capabilities) -> tuple[Miner, int]:
+        """Record a new miner; returns it and the log position written."""
+        miner = Miner.register(name, capabilities)
+        recordings = self.save(miner)
+        return miner, recordings[-1].notification.id
+
+    def miner(self, miner_id: str) -> Miner:
+        """A miner's current state; unknown ids are MinerNotFound."""
+        try:
+            miner: Miner = self.repository.get(miner_aggregate_id_of(miner_id))
+        except AggregateNotFoundError:
+            raise MinerNotFound(
+                f"miner {miner_id!r} not found", details={"miner_id": miner_id}
+            ) from None
+        return miner
+
+    def change_miner(self, miner_id: str, command: Callable[[Miner], None]) -> int:
+        """Run a command on a miner's latest version and save it; returns the log position."""
+        for _ in range(_COMMAND_ATTEMPTS):
+            miner = self.miner(miner_id)
+            command(miner)
+            try:
+                recordings = self.save(miner)
+            except IntegrityError:
+                continue
+            return recordings[-1].notification.id if recordings else 0
+        raise Conflict(f"miner {miner_id} is changing too fast; retry the request")
 
     def _command(self, job_id: str, owner: str | None, command: Callable[[Job], None]) -> int:
         """Run `command` on the job's latest version and save; returns the log position.

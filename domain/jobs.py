@@ -58,6 +58,10 @@ class RequeueCause(StrEnum):
     MINER_DEREGISTERED = "miner_deregistered"
     MINER_DECLINED = "miner_declined"
     MINER_ERROR = "miner_error"
+    # The miner handed the attempt back unfinished, for instance while draining.
+    MINER_RELEASED = "miner_released"
+    # The miner is alive but no longer holds the attempt (it restarted and lost it).
+    LOST_BY_MINER = "lost_by_miner"
 
 
 # The state machine: the statuses in which each command is allowed.
@@ -70,9 +74,18 @@ ALLOWED_FROM: Mapping[str, frozenset[JobStatus]] = {
     "fail": frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING, JobStatus.CANCELING}),
     "request_cancel": ACTIVE_STATUSES,
     "confirm_canceled": frozenset({JobStatus.CANCELING}),
+    "cancel_unconfirmed": frozenset({JobStatus.CANCELING}),
     "time_out": ACTIVE_STATUSES,
     "requeue": frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING}),
 }
+
+
+# The statuses in which a miner holds the job and may report on it.
+_HELD_STATUSES = frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING, JobStatus.CANCELING})
+
+
+def _rejection_key(miner_id: str, attempt: int, kind: str) -> str:
+    return f"{miner_id}:{attempt}:{kind}"
 
 
 def job_id_of(aggregate_id: UUID) -> str:
@@ -152,6 +165,7 @@ class Job(Aggregate):
 
         def record_on(self, job: Job) -> None:
             job.miner_id = self.miner_id
+            job.assigned_at = self.timestamp
 
     class Started(Event):
         resulting_status = JobStatus.RUNNING
@@ -187,9 +201,12 @@ class Job(Aggregate):
         resulting_status = JobStatus.FAILED
         attempt: int
         error: str
+        # A stable machine-readable reason (added after the first release: old events read "").
+        error_code: str = ""
 
         def record_on(self, job: Job) -> None:
             job.error = self.error
+            job.error_code = self.error_code
             job.finished_at = self.timestamp
 
     class CancelRequested(Event):
@@ -223,6 +240,18 @@ class Job(Aggregate):
             job.miner_id = None
             job.progress = 0
             job.started_at = None
+            job.assigned_at = None
+
+    class ReportRejected(Event):
+        """A miner reported on an attempt it does not hold; recorded, never applied."""
+
+        miner_id: str
+        attempt: int
+        kind: str
+        reason: str
+
+        def record_on(self, job: Job) -> None:
+            job.rejected_reports.add(_rejection_key(self.miner_id, self.attempt, self.kind))
 
     def __init__(
         self,
@@ -262,11 +291,14 @@ class Job(Aggregate):
         self.attempt = 1
         self.miner_id: str | None = None
         self.progress = 0
+        self.assigned_at: datetime | None = None
         self.started_at: datetime | None = None
         self.finished_at: datetime | None = None
         self.result: dict[str, Any] | None = None
         self.cost: Decimal | None = None
         self.error: str | None = None
+        self.error_code: str | None = None
+        self.rejected_reports: set[str] = set()
 
     @classmethod
     def submit(
@@ -353,10 +385,10 @@ class Job(Aggregate):
             cost=cost,
         )
 
-    def fail(self, *, attempt: int, error: str) -> None:
+    def fail(self, *, attempt: int, error: str, error_code: str = "failed") -> None:
         """The current attempt failed for good."""
         self._require("fail", attempt=attempt)
-        self.trigger_event(self.Failed, attempt=attempt, error=error)
+        self.trigger_event(self.Failed, attempt=attempt, error=error, error_code=error_code)
 
     def request_cancel(self, reason: str = "canceled by client") -> None:
         """Cancel: at once while pending, else ask the miner to stop (status canceling)."""
@@ -370,6 +402,11 @@ class Job(Aggregate):
         """The miner confirmed it stopped the canceled attempt."""
         self._require("confirm_canceled", attempt=attempt)
         self.trigger_event(self.Canceled, attempt=attempt, reason="stopped by miner")
+
+    def cancel_unconfirmed(self, reason: str) -> None:
+        """Cancel without the miner's confirmation: it stayed silent past the grace period."""
+        self._require("cancel_unconfirmed")
+        self.trigger_event(self.Canceled, attempt=self.attempt, reason=reason)
 
     def time_out(self) -> None:
         """The job ran out of its `timeout_seconds`."""
@@ -386,6 +423,34 @@ class Job(Aggregate):
             attempt=self.attempt + 1,
             cause=RequeueCause(cause).value,
             previous_miner_id=self.miner_id,
+        )
+
+    def give_back(self, cause: RequeueCause, *, max_attempts: int) -> None:
+        """The current attempt was lost: requeue it, or fail once `max_attempts` are used up."""
+        if self.attempt >= max_attempts:
+            self._require("fail")
+            self.trigger_event(
+                self.Failed,
+                attempt=self.attempt,
+                error=f"attempt {self.attempt} ended with {RequeueCause(cause).value}; "
+                f"gave up after {self.attempt} attempts",
+                error_code="attempts_exhausted",
+            )
+        else:
+            self.requeue(cause)
+
+    def holds(self, miner_id: str, attempt: int) -> bool:
+        """True if `miner_id` holds the job's current attempt: the fencing check for reports."""
+        return (
+            self.status in _HELD_STATUSES and self.miner_id == miner_id and self.attempt == attempt
+        )
+
+    def reject_report(self, *, miner_id: str, attempt: int, kind: str, reason: str) -> None:
+        """Record a report from a miner that does not hold the attempt; repeats record nothing."""
+        if _rejection_key(miner_id, attempt, kind) in self.rejected_reports:
+            return
+        self.trigger_event(
+            self.ReportRejected, miner_id=miner_id, attempt=attempt, kind=kind, reason=reason
         )
 
     def _require(self, command: str, *, attempt: int | None = None) -> None:

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from eventsourcing.domain import Aggregate
 
-from domain.errors import Conflict, InvalidJobRequest
+from domain.errors import Conflict, InvalidJobRequest, MinerNotFound
 from domain.gpus import normalize_gpu_type
 
 MINER_ID_PREFIX = "miner_"
+_MINER_ID = re.compile(r"miner_[0-9a-f]{32}")
+
+
+def miner_id_of(aggregate_id: UUID) -> str:
+    """The public id of a miner: 'miner_' and the aggregate UUID in hex."""
+    return MINER_ID_PREFIX + aggregate_id.hex
+
+
+def miner_aggregate_id_of(miner_id: str) -> UUID:
+    """The aggregate UUID behind a public miner id; malformed ids are simply not found."""
+    if not _MINER_ID.fullmatch(miner_id):
+        raise MinerNotFound(f"miner {miner_id!r} not found", details={"miner_id": miner_id})
+    return UUID(hex=miner_id.removeprefix(MINER_ID_PREFIX))
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,7 +126,7 @@ class Miner(Aggregate):
     @property
     def miner_id(self) -> str:
         """The public id miners and clients see."""
-        return MINER_ID_PREFIX + self.id.hex
+        return miner_id_of(self.id)
 
     def update_capabilities(self, capabilities: Capabilities) -> None:
         """Change what the miner offers; only while it is registered."""

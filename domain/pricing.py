@@ -46,6 +46,8 @@ _RANKS = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.URGENT
 
 DEFAULT_RATES_PER_GPU_HOUR: Mapping[str, Decimal] = MappingProxyType(
     {
+        # A pseudo GPU type: miners without a GPU (CI, demos) offer "cpu".
+        "cpu": Decimal("0.01"),
         "t4": Decimal("0.02"),
         "rtx3080": Decimal("0.025"),
         "rtx3090": Decimal("0.03"),

@@ -45,6 +45,9 @@ class JobRow(msgspec.Struct, kw_only=True):
     completed_at: datetime | None
     updated_at: datetime
     version: int
+    error_code: str | None = None
+    # When the current attempt was handed to its miner; its deadline counts from here.
+    assigned_at: datetime | None = None
 
 
 class RuntimeSample(msgspec.Struct, frozen=True):
@@ -92,7 +95,7 @@ def fold(row: JobRow | None, event: Any, seq: int) -> JobRow:
         changes["status"] = event.resulting_status.value
     match event:
         case Job.Assigned(miner_id=miner_id, attempt=attempt):
-            changes |= {"miner_id": miner_id, "attempt": attempt}
+            changes |= {"miner_id": miner_id, "attempt": attempt, "assigned_at": event.timestamp}
         case Job.Started():
             changes["started_at"] = event.timestamp
         case Job.ProgressReported(progress=progress):
@@ -105,16 +108,27 @@ def fold(row: JobRow | None, event: Any, seq: int) -> JobRow:
                 "completed_at": event.timestamp,
             }
         case Job.Failed(error=error):
-            changes |= {"error": error, "completed_at": event.timestamp}
+            changes |= {
+                "error": error,
+                "error_code": event.error_code or "failed",
+                "completed_at": event.timestamp,
+            }
         case Job.Canceled():
             changes["completed_at"] = event.timestamp
         case Job.TimedOut():
             changes |= {
                 "error": f"timed out after {row.timeout_seconds} seconds",
+                "error_code": "timed_out",
                 "completed_at": event.timestamp,
             }
         case Job.Requeued(attempt=attempt):
-            changes |= {"attempt": attempt, "miner_id": None, "progress": 0, "started_at": None}
+            changes |= {
+                "attempt": attempt,
+                "miner_id": None,
+                "progress": 0,
+                "started_at": None,
+                "assigned_at": None,
+            }
     return msgspec.structs.replace(row, **changes)
 
 
