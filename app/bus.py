@@ -14,8 +14,15 @@ import logging
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from app.protocol import DUPLICATE_WINDOW_SECONDS, Namespace, StreamSpec
 
 log = logging.getLogger("jobledger.bus")
+# What a lost or unreachable NATS raises (nats-py timeouts are asyncio.TimeoutError too).
+NATS_DOWN = (NatsError, TimeoutError, OSError)
 
 
 class Bus:
@@ -32,6 +39,18 @@ class Bus:
     def is_connected(self) -> bool:
         """True while the client holds a live connection to a NATS server."""
         return self._client is not None and self._client.is_connected
+
+    @property
+    def client(self) -> NatsClient:
+        """The connected client; only valid once `connected` is set."""
+        if self._client is None:
+            raise RuntimeError("the NATS connection is not open yet")
+        return self._client
+
+    async def jetstream(self) -> JetStreamContext:
+        """The JetStream context, once the first connection succeeded."""
+        await self.connected.wait()
+        return self.client.jetstream()
 
     async def start(self) -> None:
         """Begin connecting in the background."""
@@ -67,3 +86,30 @@ class Bus:
                 log.info("connected to NATS at %s", url.netloc if url else self._servers)
                 self.connected.set()
                 return
+
+
+def stream_config(spec: StreamSpec) -> StreamConfig:
+    """The JetStream configuration of one protocol stream (file storage, deduplicating)."""
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
+        max_age=float(spec.max_age_seconds) if spec.max_age_seconds else None,
+        max_bytes=spec.max_bytes,
+        duplicate_window=float(DUPLICATE_WINDOW_SECONDS),
+        num_replicas=1,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, namespace: Namespace) -> None:
+    """Create every protocol stream, or bring an existing one to the current settings."""
+    for spec in namespace.streams():
+        config = stream_config(spec)
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # It exists with other settings: update what JetStream lets us update.
+            await js.update_stream(config)
+            log.info("updated stream %s to the current settings", spec.name)

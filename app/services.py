@@ -6,20 +6,26 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 from anyio import to_thread
+from nats.js.errors import NotFoundError as StreamMessageNotFound
 from psycopg_pool import AsyncConnectionPool
 
-from app import keys, ratelimit
-from app.bus import Bus
+from app import keys, ratelimit, scheduler
+from app.bus import NATS_DOWN, Bus
 from app.config import Settings
+from app.heartbeats import HeartbeatListener
+from app.ingestor import Ingestor
 from app.keys import ApiKeys
 from app.projector import Projector, ViewPosition
+from app.protocol import Namespace
 from app.ratelimit import RateLimiter
+from app.relay import Relay
+from app.scheduler import Scheduler, lease_settings
 from app.store import JobLedger, postgres_env
 from projections import tables
 from projections.queries import JobQueries
@@ -42,13 +48,14 @@ class Services:
     limiter: RateLimiter | None
     views: ViewPosition
     bus: Bus
+    namespace: Namespace
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking ledger call in a worker thread, keeping the event loop free."""
         return await to_thread.run_sync(lambda: function(*args, **kwargs))
 
 
-def _prepare_database(dsn: str) -> JobLedger:
+def prepare_database(dsn: str) -> JobLedger:
     """Create the event store and view tables (under an advisory lock) and open the ledger."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_ID,))
@@ -67,7 +74,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         raise ValueError("open_services needs database_url and nats_url (serve resolves them)")
     dsn = settings.database_url
     async with contextlib.AsyncExitStack() as stack:
-        ledger = await to_thread.run_sync(_prepare_database, dsn)
+        ledger = await to_thread.run_sync(prepare_database, dsn)
         stack.callback(ledger.close)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
@@ -99,6 +106,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         bus = Bus([url.strip() for url in settings.nats_url.split(",")], name="jobledger-api")
         await bus.start()
         stack.push_async_callback(bus.close)
+        namespace = Namespace(settings.nats_prefix)
+        await scheduler.create_schema(pool)
+        workers = _dispatch_workers(settings, ledger, pool, dsn, views, bus, namespace)
+        tasks = [asyncio.create_task(_supervise(name, work), name=name) for name, work in workers]
+        stack.push_async_callback(_cancel_all, tasks)
 
         limiter = (
             RateLimiter(
@@ -118,7 +130,70 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             limiter=limiter,
             views=views,
             bus=bus,
+            namespace=namespace,
         )
+
+
+def _dispatch_workers(
+    settings: Settings,
+    ledger: JobLedger,
+    pool: AsyncConnectionPool[Any],
+    dsn: str,
+    views: ViewPosition,
+    bus: Bus,
+    namespace: Namespace,
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """The background workers that move jobs between the ledger and the miners."""
+
+    async def has_unread_reports(job_id: str) -> bool:
+        js = await bus.jetstream()
+        try:
+            await js.get_last_msg(
+                namespace.stream_name("REPORTS"), namespace.reports_subject(job_id)
+            )
+        except StreamMessageNotFound:
+            return False
+        except NATS_DOWN:
+            return True  # cannot tell: assume a report may still come, and look again later
+        return True
+
+    relay = Relay(ledger, dsn, bus, namespace)
+    ingestor = Ingestor(ledger, bus, namespace, max_attempts=settings.max_attempts)
+    listener = HeartbeatListener(bus, pool, namespace)
+    planner = Scheduler(
+        ledger,
+        pool,
+        dsn,
+        views,
+        leases=lease_settings(settings.lease_seconds, settings.cancel_grace_seconds),
+        max_attempts=settings.max_attempts,
+        view_wait_seconds=settings.view_wait_seconds,
+        has_unread_reports=has_unread_reports,
+    )
+    return [
+        ("relay", relay.run),
+        ("ingestor", ingestor.run),
+        ("heartbeats", listener.run),
+        ("scheduler", planner.run),
+    ]
+
+
+async def _supervise(name: str, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a worker forever: a crash is logged with its traceback and the worker restarts."""
+    backoff = 0.5
+    while True:
+        try:
+            await work()
+        except Exception:
+            log.exception("%s worker crashed; restarting in %.1f s", name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def database_reachable(pool: AsyncConnectionPool[Any], timeout: float = 2.0) -> bool:

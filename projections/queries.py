@@ -1,4 +1,4 @@
-"""Read-side queries over the job views; each answers from one indexed query, never N+1."""
+"""Read-side queries over the job and miner views; each answers from indexed queries, never N+1."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.pricing import RuntimeStats
 from projections.jobs import JobRow
-from projections.tables import COLUMNS, PROJECTION_NAME
+from projections.miners import MinerStats, MinerView
+from projections.tables import COLUMNS, MINER_COLUMNS, MINER_STATS_COLUMNS, PROJECTION_NAME
 
 _SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM jobledger_job_views"
 
@@ -50,6 +51,15 @@ class JobQueries:
             await cur.execute(f"{_SELECT_ROWS} WHERE job_id = %s", (job_id,))
             row: JobRow | None = await cur.fetchone()
             return row
+
+    async def pending_reason(self, job_id: str) -> str | None:
+        """Why the scheduler left a pending job waiting, if it said."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT reason FROM jobledger_pending_reasons WHERE job_id = %s", (job_id,)
+            )
+            found = await cur.fetchone()
+        return str(found[0]) if found else None
 
     async def page(
         self, *, owner: str | None, status: str | None, limit: int, before_seq: int | None
@@ -155,3 +165,91 @@ async def _count(cur: AsyncCursor[Any], where: list[str], params: list[Any]) -> 
         )
         found = await cur.fetchone()
     return int(found[0]) if found else 0
+
+
+# A miner's row with its liveness and the jobs it holds, in one statement. The
+# first parameter is the lease in seconds: a heartbeat older than that is offline.
+_SELECT_MINERS = (
+    "SELECT "
+    + ", ".join(f"m.{c}" for c in MINER_COLUMNS)
+    + """,
+    CASE WHEN NOT m.active THEN 'deregistered'
+         WHEN l.last_heartbeat_at > now() - make_interval(secs => %s)
+              THEN CASE WHEN l.draining THEN 'draining' ELSE 'online' END
+         ELSE 'offline' END AS status,
+    l.last_heartbeat_at,
+    (SELECT count(*) FROM jobledger_job_views j
+      WHERE j.miner_id = m.miner_id
+        AND j.status IN ('assigned', 'running', 'canceling'))::integer AS inflight,
+    l.reported_inflight,
+    coalesce(l.gpus, '[]'::jsonb) AS gpus
+FROM jobledger_miner_views m
+LEFT JOIN jobledger_miner_liveness l ON l.miner_id = m.miner_id"""
+)
+
+
+class MinerPage(msgspec.Struct, frozen=True):
+    """One page of miners, newest registration first, and whether more follow."""
+
+    rows: list[MinerView]
+    total: int
+    has_more: bool
+
+
+class MinerQueries:
+    """The miner registry: each miner with its liveness, and its job record."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    async def get(self, miner_id: str, lease_seconds: float) -> MinerView | None:
+        """One miner as the registry shows it, or None if the views do not have it (yet)."""
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(MinerView)) as cur,
+        ):
+            await cur.execute(f"{_SELECT_MINERS} WHERE m.miner_id = %s", (lease_seconds, miner_id))
+            view: MinerView | None = await cur.fetchone()
+            return view
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        cursor_seq: int | None,
+        lease_seconds: float,
+        include_deregistered: bool = False,
+    ) -> MinerPage:
+        """Miners newest first; `cursor_seq` continues after the last miner of the previous page."""
+        visible = "TRUE" if include_deregistered else "m.active"
+        where, params = [visible], []
+        if cursor_seq is not None:
+            where.append("m.seq < %s")
+            params.append(cursor_seq)
+        async with self._pool.connection() as conn:
+            async with conn.cursor(row_factory=class_row(MinerView)) as cur:
+                # One row more than asked tells whether another page follows.
+                await cur.execute(
+                    f"{_SELECT_MINERS} WHERE {' AND '.join(where)} ORDER BY m.seq DESC LIMIT %s",
+                    [lease_seconds, *params, limit + 1],
+                )
+                rows = await cur.fetchall()
+            counted = await (
+                await conn.execute(f"SELECT count(*) FROM jobledger_miner_views m WHERE {visible}")
+            ).fetchone()
+        total = int(counted[0]) if counted else 0
+        return MinerPage(rows=rows[:limit], total=total, has_more=len(rows) > limit)
+
+    async def stats(self, miner_id: str) -> MinerStats | None:
+        """The miner's job record, or None if no job of it has finished yet."""
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(MinerStats)) as cur,
+        ):
+            await cur.execute(
+                f"SELECT {', '.join(MINER_STATS_COLUMNS)} FROM jobledger_miner_stats "
+                "WHERE miner_id = %s",
+                (miner_id,),
+            )
+            stats: MinerStats | None = await cur.fetchone()
+            return stats

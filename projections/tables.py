@@ -19,8 +19,10 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from domain.jobs import Job, job_id_of
+from domain.miners import miner_id_of
 from domain.pricing import RuntimeStats
 from projections.jobs import JobRow, RuntimeSample, fold, learn, runtime_sample
+from projections.miners import MINER_EVENTS, MinerRow, MinerStats, fold_miner, stats_delta
 
 PROJECTION_NAME = "job_views"
 # Committed together with each batch, so listeners learn the views' new position.
@@ -74,6 +76,51 @@ CREATE TABLE IF NOT EXISTS jobledger_runtime_stats (
     mean_seconds numeric NOT NULL,
     PRIMARY KEY (model, gpu_type)
 );
+-- The jobs a miner holds, for its inflight count and the scheduler's free capacity.
+CREATE INDEX IF NOT EXISTS jobledger_job_views_held_by_miner
+    ON jobledger_job_views (miner_id) WHERE status IN ('assigned', 'running', 'canceling');
+CREATE TABLE IF NOT EXISTS jobledger_miner_views (
+    miner_id text PRIMARY KEY,
+    name text NOT NULL,
+    gpu_type text NOT NULL,
+    gpu_count integer NOT NULL,
+    vram_gb integer NOT NULL,
+    location text NOT NULL,
+    price_per_hour numeric NOT NULL,
+    max_concurrent integer NOT NULL,
+    active boolean NOT NULL,
+    registered_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    version integer NOT NULL,
+    seq bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobledger_miner_views_by_seq
+    ON jobledger_miner_views (seq DESC);
+CREATE INDEX IF NOT EXISTS jobledger_miner_views_active_by_seq
+    ON jobledger_miner_views (seq DESC) WHERE active;
+CREATE TABLE IF NOT EXISTS jobledger_miner_stats (
+    miner_id text PRIMARY KEY,
+    finished_jobs bigint NOT NULL,
+    completed_jobs bigint NOT NULL,
+    failed_jobs bigint NOT NULL,
+    timed_out_jobs bigint NOT NULL,
+    total_run_seconds numeric NOT NULL,
+    gpu_seconds numeric NOT NULL,
+    earnings numeric NOT NULL
+);
+-- Written by the heartbeat listener (app/heartbeats.py), not by the projection:
+-- liveness is not in the event log, so rebuilds leave it alone.
+CREATE TABLE IF NOT EXISTS jobledger_miner_liveness (
+    miner_id text PRIMARY KEY,
+    last_heartbeat_at timestamptz NOT NULL,
+    reported_inflight integer NOT NULL,
+    gpus jsonb NOT NULL,
+    session text NOT NULL,
+    -- [[job_id, attempt], ...]: what the miner's latest heartbeat says it holds.
+    held jsonb NOT NULL DEFAULT '[]',
+    -- The miner is shutting down: alive, but takes no new work.
+    draining boolean NOT NULL DEFAULT false
+);
 CREATE TABLE IF NOT EXISTS jobledger_projection_tracking (
     projection text PRIMARY KEY,
     position bigint NOT NULL
@@ -91,6 +138,22 @@ _UPSERT_STATS = (
     "INSERT INTO jobledger_runtime_stats (model, gpu_type, completed, mean_seconds) "
     "VALUES (%s, %s, %s, %s) ON CONFLICT (model, gpu_type) DO UPDATE SET "
     "completed = EXCLUDED.completed, mean_seconds = EXCLUDED.mean_seconds"
+)
+
+
+MINER_COLUMNS = tuple(MinerRow.__struct_fields__)
+_UPSERT_MINER = (
+    f"INSERT INTO jobledger_miner_views ({', '.join(MINER_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(MINER_COLUMNS))}) "
+    "ON CONFLICT (miner_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in MINER_COLUMNS if c != "miner_id")
+)
+MINER_STATS_COLUMNS = tuple(MinerStats.__struct_fields__)
+_UPSERT_MINER_STATS = (
+    f"INSERT INTO jobledger_miner_stats ({', '.join(MINER_STATS_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(MINER_STATS_COLUMNS))}) "
+    "ON CONFLICT (miner_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in MINER_STATS_COLUMNS if c != "miner_id")
 )
 
 
@@ -142,14 +205,25 @@ def _save_stats(cur: Cursor[Any], samples: list[RuntimeSample]) -> None:
     )
 
 
-def _apply(cur: Cursor[Any], batch: Sequence[tuple[int, Any]]) -> None:
-    """Fold a batch of (position, domain event) into the tables: one read, one write per table."""
-    job_events = [(seq, e) for seq, e in batch if isinstance(e, Job.Event | Job.Submitted)]
-    if not job_events:
-        return
+def _save_miner_stats(cur: Cursor[Any], deltas: list[MinerStats]) -> None:
+    with cur.connection.cursor(row_factory=class_row(MinerStats)) as rows:
+        rows.execute(
+            f"SELECT {', '.join(MINER_STATS_COLUMNS)} FROM jobledger_miner_stats "
+            "WHERE miner_id = ANY(%s)",
+            (list({d.miner_id for d in deltas}),),
+        )
+        stats = {row.miner_id: row for row in rows}
+    for delta in deltas:
+        known = stats.get(delta.miner_id)
+        stats[delta.miner_id] = known.plus(delta) if known else delta
+    cur.executemany(_UPSERT_MINER_STATS, [msgspec.structs.astuple(s) for s in stats.values()])
+
+
+def _apply_job_events(cur: Cursor[Any], job_events: Sequence[tuple[int, Any]]) -> None:
     rows = _load_rows(cur, list({job_id_of(e.originator_id) for _, e in job_events}))
     changed: dict[str, JobRow] = {}
     samples: list[RuntimeSample] = []
+    deltas: list[MinerStats] = []
     for seq, event in job_events:
         job_id = job_id_of(event.originator_id)
         before = rows.get(job_id)
@@ -157,10 +231,43 @@ def _apply(cur: Cursor[Any], batch: Sequence[tuple[int, Any]]) -> None:
             continue  # already folded (rebuilds and redeliveries are harmless)
         if before is not None and (sample := runtime_sample(before, event)) is not None:
             samples.append(sample)
+        if (delta := stats_delta(before, event)) is not None:
+            deltas.append(delta)
         rows[job_id] = changed[job_id] = fold(before, event, seq)
     cur.executemany(_UPSERT_ROW, [_row_params(row) for row in changed.values()])
     if samples:
         _save_stats(cur, samples)
+    if deltas:
+        _save_miner_stats(cur, deltas)
+
+
+def _apply_miner_events(cur: Cursor[Any], miner_events: Sequence[tuple[int, Any]]) -> None:
+    miner_ids = list({miner_id_of(e.originator_id) for _, e in miner_events})
+    with cur.connection.cursor(row_factory=class_row(MinerRow)) as found:
+        found.execute(
+            f"SELECT {', '.join(MINER_COLUMNS)} FROM jobledger_miner_views "
+            "WHERE miner_id = ANY(%s)",
+            (miner_ids,),
+        )
+        rows = {row.miner_id: row for row in found}
+    changed: dict[str, MinerRow] = {}
+    for seq, event in miner_events:
+        miner_id = miner_id_of(event.originator_id)
+        before = rows.get(miner_id)
+        if before is not None and before.version >= event.originator_version:
+            continue  # already folded
+        rows[miner_id] = changed[miner_id] = fold_miner(before, event, seq)
+    cur.executemany(_UPSERT_MINER, [msgspec.structs.astuple(row) for row in changed.values()])
+
+
+def _apply(cur: Cursor[Any], batch: Sequence[tuple[int, Any]]) -> None:
+    """Fold a batch of (position, domain event) into the tables: one read, one write per table."""
+    job_events = [(seq, e) for seq, e in batch if isinstance(e, Job.Event | Job.Submitted)]
+    miner_events = [(seq, e) for seq, e in batch if isinstance(e, MINER_EVENTS)]
+    if job_events:
+        _apply_job_events(cur, job_events)
+    if miner_events:
+        _apply_miner_events(cur, miner_events)
 
 
 def _lock_position(cur: Cursor[Any]) -> int:
@@ -199,7 +306,11 @@ def rebuild(conn: Connection[Any], batches: Iterable[Sequence[tuple[int, Any]]])
     """Empty the tables and fold the whole log again, atomically: readers see old or new."""
     with conn.transaction(), conn.cursor() as cur:
         _lock_position(cur)
-        cur.execute("TRUNCATE jobledger_job_views, jobledger_runtime_stats")
+        # Liveness is not derived from the log: it survives rebuilds.
+        cur.execute(
+            "TRUNCATE jobledger_job_views, jobledger_runtime_stats, "
+            "jobledger_miner_views, jobledger_miner_stats"
+        )
         position = 0
         for batch in batches:
             _apply(cur, batch)

@@ -14,6 +14,7 @@ from app.api.auth import ApiKeyMiddleware
 from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
 from app.api.health import healthz
 from app.api.jobs import JobController
+from app.api.miners import MinerController
 from app.config import Settings
 from app.services import open_services
 
@@ -28,7 +29,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[JobController, AdminController, healthz],
+        route_handlers=[JobController, MinerController, AdminController, healthz],
         lifespan=[lifespan],
         middleware=[ApiKeyMiddleware()],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -48,7 +48,7 @@ def services_of(state: State) -> Services:
     return services
 
 
-def status_view(row: JobRow) -> JobStatusResponse:
+def status_view(row: JobRow, pending_reason: str | None = None) -> JobStatusResponse:
     """The public shape of a job row."""
     return JobStatusResponse(
         job_id=row.job_id,
@@ -65,6 +65,8 @@ def status_view(row: JobRow) -> JobStatusResponse:
         estimated_cost=row.estimated_cost,
         cost=row.cost,
         error=row.error,
+        error_code=row.error_code,
+        pending_reason=pending_reason if row.status == JobStatus.PENDING else None,
     )
 
 
@@ -319,8 +321,13 @@ class JobController(Controller):
     async def status(
         self, request: Request[Principal, Any, Any], state: State, job_id: str
     ) -> JobStatusResponse:
-        """The job as the status view shows it."""
-        return status_view(await load_row(services_of(state), request.user, job_id))
+        """The job as the status view shows it; a pending job says why it waits."""
+        services = services_of(state)
+        row = await load_row(services, request.user, job_id)
+        reason = None
+        if row.status == JobStatus.PENDING:
+            reason = await services.queries.pending_reason(job_id)
+        return status_view(row, reason)
 
     @delete(
         "/{job_id:str}",

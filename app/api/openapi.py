@@ -84,3 +84,61 @@ STATUS: dict[str, Any] = {
     "error": None,
 }
 LISTED: dict[str, Any] = {"jobs": [STATUS], "total": 1, "has_more": False, "next_cursor": None}
+
+# The miner registry's examples.
+REGISTER_MINER: dict[str, Any] = {
+    "name": "rig-1",
+    "gpu_type": "a100",
+    "gpu_count": 8,
+    "vram_gb": 80,
+    "location": "eu-west",
+    "price_per_hour": 0.1,
+    "max_concurrent": 2,
+}
+_CAPABILITIES = {k: v for k, v in REGISTER_MINER.items() if k != "name"}
+MINER_REGISTERED: dict[str, Any] = {
+    "miner_id": "miner_5c0e1f2a3b4c4d5e8f9a0b1c2d3e4f5a",
+    "api_key": "jl_3f9a0b1c2d3e_...",
+    "key_id": "3f9a0b1c2d3e",
+    "status": "offline",
+    "name": "rig-1",
+    **_CAPABILITIES,
+}
+MINER: dict[str, Any] = {
+    "miner_id": "miner_5c0e1f2a3b4c4d5e8f9a0b1c2d3e4f5a",
+    "name": "rig-1",
+    "status": "online",
+    **_CAPABILITIES,
+    "inflight": 1,
+    "reported_inflight": 1,
+    "gpus": [
+        {
+            "index": 0,
+            "name": "NVIDIA A100-SXM4-80GB",
+            "uuid": "GPU-5c0e1f2a-3b4c-4d5e-8f9a-0b1c2d3e4f5a",
+            "memory_total_mb": 81920,
+            "driver": "550.54.15",
+        }
+    ],
+    "last_heartbeat_at": "2026-02-13T10:01:05Z",
+    "registered_at": "2026-02-13T09:00:00Z",
+    "updated_at": "2026-02-13T09:00:00Z",
+}
+MINERS_LISTED: dict[str, Any] = {
+    "miners": [MINER],
+    "total": 1,
+    "has_more": False,
+    "next_cursor": None,
+}
+MINER_STATS: dict[str, Any] = {
+    "miner_id": "miner_5c0e1f2a3b4c4d5e8f9a0b1c2d3e4f5a",
+    "total_jobs": 20,
+    "completed_jobs": 18,
+    "failed_jobs": 1,
+    "timed_out_jobs": 1,
+    "success_rate": 0.9,
+    "average_completion_time": 412.5,
+    "earnings": 1.8,
+    "earnings_per_gpu_hour": 0.8,
+    "gpu_seconds": 8100,
+}

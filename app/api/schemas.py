@@ -88,6 +88,10 @@ class JobStatusResponse(msgspec.Struct, kw_only=True):
     estimated_cost: Decimal
     cost: Decimal | None
     error: str | None
+    # A stable machine-readable reason for failed and timed-out jobs ("unknown_model", ...).
+    error_code: str | None = None
+    # Why a pending job waits (no miner offers its GPU type, all busy, ...); status view only.
+    pending_reason: str | None = None
 
 
 class JobListResponse(msgspec.Struct, kw_only=True):
@@ -151,6 +155,108 @@ class CreateKeyResponse(msgspec.Struct, kw_only=True):
     key: str
     role: str
     name: str
+
+
+MinerStatus = Literal["online", "offline", "deregistered"]
+
+
+class MinerCapabilities(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """PUT /v1/miners/{miner_id}: what a miner offers, replacing what it offered before."""
+
+    gpu_type: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=64,
+            description="GPU model, e.g. v100, a100, h100 (vendor spellings are normalised)",
+            examples=["a100", "NVIDIA H100 80GB HBM3"],
+        ),
+    ]
+    price_per_hour: Annotated[
+        Decimal,
+        msgspec.Meta(
+            description="the miner's price per hour, a decimal number >= 0 (at most 6 places)",
+            examples=[0.1],
+        ),
+    ]
+    gpu_count: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    vram_gb: Annotated[
+        int, msgspec.Meta(ge=0, le=4096, description="memory of each GPU, in GB")
+    ] = 0
+    location: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] = "unknown"
+    max_concurrent: Annotated[
+        int, msgspec.Meta(ge=1, le=1024, description="jobs the miner runs at once")
+    ] = 1
+
+
+class RegisterMinerRequest(MinerCapabilities, forbid_unknown_fields=True, kw_only=True):
+    """POST /v1/miners: a new miner's name and capabilities."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, examples=["rig-1"])]
+
+
+class RegisterMinerResponse(msgspec.Struct, kw_only=True):
+    """The new miner and its API key; `api_key` is shown this once and stored only as a hash."""
+
+    miner_id: str
+    api_key: str
+    key_id: str
+    status: MinerStatus
+    name: str
+    gpu_type: str
+    gpu_count: int
+    vram_gb: int
+    location: str
+    price_per_hour: Decimal
+    max_concurrent: int
+
+
+class MinerResponse(msgspec.Struct, kw_only=True):
+    """A miner as the registry shows it: what it offers, whether it is alive, what it holds."""
+
+    miner_id: str
+    name: str
+    status: MinerStatus
+    gpu_type: str
+    gpu_count: int
+    vram_gb: int
+    location: str
+    price_per_hour: Decimal
+    max_concurrent: int
+    # Jobs the ledger has handed the miner that have not finished.
+    inflight: int
+    # What the miner said it runs in its last heartbeat (null before the first).
+    reported_inflight: int | None
+    gpus: list[dict[str, Any]]
+    last_heartbeat_at: datetime | None
+    registered_at: datetime
+    updated_at: datetime
+
+
+class MinerListResponse(msgspec.Struct, kw_only=True):
+    """A page of miners, newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    miners: list[MinerResponse]
+    total: int
+    has_more: bool
+    next_cursor: str | None
+
+
+class MinerStatsResponse(msgspec.Struct, kw_only=True):
+    """A miner's job record; rates are null until there is something to divide by."""
+
+    miner_id: str
+    # Jobs that ended on this miner: completed, failed or timed out.
+    total_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    timed_out_jobs: int
+    success_rate: Decimal | None
+    # Mean seconds from start to completion of completed jobs.
+    average_completion_time: Decimal | None
+    earnings: Decimal
+    earnings_per_gpu_hour: Decimal | None
+    gpu_seconds: Decimal
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):

@@ -33,6 +33,7 @@ class Served:
     database_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    nats_prefix: str = "jobledger"
     _clients: list[httpx.Client] = field(default_factory=list)
 
     def client(self, key: str | None = None) -> httpx.Client:
@@ -78,13 +79,14 @@ def start_server(
     """Start `jobledger serve` on a free port and wait until /healthz answers 200."""
     port = free_port()
     admin_key = "admin-" + secrets.token_hex(16)
-    child_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")
-    } | {
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")} | {
         "JOBLEDGER_HOME": str(tmp_path / "home"),
         "JOBLEDGER_ADMIN_KEY": admin_key,
         "JOBLEDGER_HTTP_PORT": str(port),
         "JOBLEDGER_RATE_LIMITS": "off",
+        # Each served ledger gets its own subjects and streams on the shared NATS server;
+        # servers sharing a database must share the prefix too (pass it in `env`).
+        "JOBLEDGER_NATS_PREFIX": "jltest" + secrets.token_hex(4),
     }
     if database_url:
         child_env["JOBLEDGER_DATABASE_URL"] = database_url
@@ -105,6 +107,7 @@ def start_server(
         database_url=database_url or "",
         process=process,
         log_path=log_path,
+        nats_prefix=child_env["JOBLEDGER_NATS_PREFIX"],
     )
     if wait_healthy:
         wait_until_healthy(served)

@@ -96,8 +96,6 @@ def test_embedded_serve_is_healthy_and_keeps_jobs_across_a_restart(
     assert answer.json()["estimated_cost"] == 0.05
 
 
-
-
 def test_sigterm_exits_0(tmp_path: Path, cleanup: list[Callable[[], object]]) -> None:
     home = str(tmp_path / "home")
     cleanup.append(lambda: stop_leftovers(home))

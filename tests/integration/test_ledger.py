@@ -47,9 +47,7 @@ def test_submission_is_one_stored_event(ledger: JobLedger, database_url: str) ->
     assert ledger.head() == outcome.position
 
 
-def test_racing_idempotent_submissions_create_one_job(
-    ledger: JobLedger, database_url: str
-) -> None:
+def test_racing_idempotent_submissions_create_one_job(ledger: JobLedger, database_url: str) -> None:
     with ThreadPoolExecutor(max_workers=20) as pool:
         outcomes = list(
             pool.map(
@@ -93,9 +91,7 @@ def test_versions_are_checked_optimistically(ledger: JobLedger) -> None:
     assert ledger.repository.get(aggregate_id_of(job_id)).miner_id == "miner_a"
 
 
-def test_concurrent_cancels_record_one_terminal_event(
-    ledger: JobLedger, database_url: str
-) -> None:
+def test_concurrent_cancels_record_one_terminal_event(ledger: JobLedger, database_url: str) -> None:
     job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
 
     def cancel(_: int) -> str:

@@ -1,0 +1,286 @@
+"""The ingestor: turns miner reports from JetStream into job events.
+
+All ledger processes share one durable pull consumer on the reports stream, so each
+report is handled by one of them. A report is acknowledged only after its event is
+committed (or after deciding it changes nothing), so a crash redelivers it, and a
+redelivery is harmless: the domain refuses a second terminal event, and a report
+from a miner that does not hold the job's current attempt (the fencing token) is
+recorded as `JobReportRejected` and never applied.
+
+What is never retried: a report that cannot be decoded, or names a job that does
+not exist, is copied to `{prefix}.dead.reports` with the reason and terminated.
+A database outage naks with a growing delay and never gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+
+import eventsourcing.persistence
+import msgspec
+import psycopg
+from anyio import to_thread
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from app import protocol
+from app.bus import NATS_DOWN, Bus, ensure_streams
+from app.protocol import Namespace
+from app.store import JobLedger
+from domain.errors import DomainError, InvalidTransition, NotFound
+from domain.jobs import Job, JobStatus, RequeueCause
+from domain.pricing import price
+
+log = logging.getLogger("jobledger.ingestor")
+
+_DATABASE_DOWN = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
+)
+FETCH_BATCH = 64
+# Reports of different jobs are applied concurrently, each job's in stream order.
+CONCURRENT_JOBS = 4
+# An unexpected error gets this many deliveries before the report is dead-lettered.
+MAX_UNEXPECTED_DELIVERIES = 5
+ACK_WAIT_SECONDS = 30.0
+# The error code with which a miner reports an attempt that ran past its deadline.
+TIMED_OUT_CODE = "timed_out"
+
+
+class Outcome(StrEnum):
+    """What a report did to its job."""
+
+    APPLIED = "applied"
+    # Nothing to do: a duplicate, a late report, or progress that does not move forward.
+    IGNORED = "ignored"
+    # From a miner that does not hold the attempt: recorded as JobReportRejected.
+    REJECTED = "rejected"
+
+
+def _kind(report: protocol.Report) -> str:
+    return str(type(report).__struct_config__.tag)
+
+
+def billed_seconds(job: Job, metrics: protocol.Metrics, now: datetime) -> Decimal:
+    """Run time to charge: what the miner measured, never more than the ledger saw elapse."""
+    reported = Decimal(str(metrics.execution_seconds))
+    if job.assigned_at is None:
+        return max(reported, Decimal(0))
+    elapsed = now - job.assigned_at
+    observed = Decimal(elapsed.days * 86400 + elapsed.seconds) + Decimal(elapsed.microseconds) / (
+        1_000_000
+    )
+    return max(min(reported, observed), Decimal(0))
+
+
+def check_result(result: protocol.InlineResult) -> str | None:
+    """Why an inline result is unusable, or None when its size and digest are right."""
+    try:
+        data = (
+            base64.b64decode(result.data, validate=True)
+            if result.encoding == "base64"
+            else result.data.encode("utf-8")
+        )
+    except (binascii.Error, ValueError) as error:
+        return f"result data is not valid {result.encoding}: {error}"
+    if len(data) != result.size_bytes:
+        return f"result is {len(data)} bytes, the report says {result.size_bytes}"
+    if hashlib.sha256(data).hexdigest() != result.sha256:
+        return "result sha256 does not match its data"
+    return None
+
+
+def apply_report(
+    ledger: JobLedger, job_id: str, report: protocol.Report, *, max_attempts: int
+) -> Outcome:
+    """Turn one report into at most one event on its job (the command retries on races)."""
+    outcome = Outcome.IGNORED
+
+    def command(job: Job) -> None:
+        nonlocal outcome
+        outcome = _decide(ledger, job, report, max_attempts)
+
+    ledger.change_job(job_id, command)
+    return outcome
+
+
+def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> Outcome:
+    if not job.holds(report.miner_id, report.attempt):
+        if report.miner_id == job.miner_id and report.attempt == job.attempt:
+            return Outcome.IGNORED  # the holder, late: the attempt already ended
+        job.reject_report(
+            miner_id=report.miner_id,
+            attempt=report.attempt,
+            kind=_kind(report),
+            reason=f"job is on attempt {job.attempt} held by {job.miner_id or 'no miner'}",
+        )
+        return Outcome.REJECTED
+    try:
+        _apply(ledger, job, report, max_attempts)
+    except InvalidTransition:
+        return Outcome.IGNORED  # e.g. a repeated "started", or progress while canceling
+    return Outcome.APPLIED if job.pending_events else Outcome.IGNORED
+
+
+def _apply(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> None:
+    attempt = report.attempt
+    match report:
+        case protocol.Started():
+            job.start(attempt=attempt, miner_id=report.miner_id)
+        case protocol.Progress(progress=progress):
+            if job.status is JobStatus.RUNNING and progress > job.progress:
+                job.report_progress(attempt=attempt, progress=progress)
+        case protocol.Completed(result=result, metrics=metrics):
+            if (problem := check_result(result)) is not None:
+                job.fail(attempt=attempt, error=problem, error_code="invalid_result")
+                return
+            seconds = billed_seconds(job, metrics, datetime.now(UTC))
+            job.complete(
+                attempt=attempt,
+                result=protocol.to_builtins(result),
+                metrics=protocol.to_builtins(metrics),
+                gpu_seconds=seconds * job.gpu_count,
+                cost=price(
+                    ledger.rates,
+                    gpu_type=job.gpu_type,
+                    gpu_count=job.gpu_count,
+                    seconds=seconds,
+                    priority=job.priority,
+                ),
+            )
+        case protocol.Failed(error=error) if error.code == TIMED_OUT_CODE:
+            job.time_out()  # the miner noticed the deadline before the scheduler did
+        case protocol.Failed(error=error):
+            job.fail(attempt=attempt, error=error.message, error_code=error.code)
+        case protocol.Canceled() | protocol.Released():
+            if job.status is JobStatus.CANCELING:
+                job.confirm_canceled(attempt=attempt)
+            else:  # handed back unasked (draining): another miner gets it
+                job.give_back(RequeueCause.MINER_RELEASED, max_attempts=max_attempts)
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """What `{prefix}.dead.reports` carries: the original message and why it was dropped."""
+
+    subject: str
+    reason: str
+    payload: str
+    deliveries: int
+
+
+class Ingestor:
+    """Consumes reports and applies them, acking each after its effect is durable."""
+
+    def __init__(
+        self, ledger: JobLedger, bus: Bus, namespace: Namespace, *, max_attempts: int
+    ) -> None:
+        self._ledger = ledger
+        self._bus = bus
+        self._namespace = namespace
+        self._max_attempts = max_attempts
+        self._slots = asyncio.Semaphore(CONCURRENT_JOBS)
+
+    async def run(self) -> None:
+        """Consume forever, resubscribing after NATS losses."""
+        js = await self._bus.jetstream()
+        backoff = 0.1
+        while True:
+            try:
+                await ensure_streams(js, self._namespace)
+                await self._consume(js)
+            except NATS_DOWN as error:
+                log.warning("ingestor paused (%s: %s); retrying", type(error).__name__, error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _consume(self, js: JetStreamContext) -> None:
+        ns = self._namespace
+        subscription = await js.pull_subscribe(
+            ns.all_reports(),
+            durable=ns.ingestor_consumer(),
+            stream=ns.stream_name("REPORTS"),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT_SECONDS,
+                max_deliver=-1,  # a database outage must never drop a report
+                max_ack_pending=4096,
+            ),
+        )
+        while True:
+            try:
+                messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
+            except TimeoutError:
+                continue
+            by_job: dict[str, list[Msg]] = defaultdict(list)
+            for message in messages:
+                by_job[message.subject].append(message)
+            await asyncio.gather(*(self._handle_in_order(group) for group in by_job.values()))
+
+    async def _handle_in_order(self, messages: list[Msg]) -> None:
+        async with self._slots:
+            for message in messages:
+                await self.handle(message)
+
+    async def handle(self, message: Msg) -> None:
+        """Apply one report and settle its message: ack, nak with a delay, or dead-letter."""
+        deliveries = message.metadata.num_delivered or 1
+        job_id = self._namespace.job_of(message.subject)
+        if job_id is None:
+            await self._dead(message, f"not a reports subject: {message.subject}")
+            return
+        try:
+            report = protocol.report_decoder.decode(message.data)
+        except msgspec.DecodeError as error:  # ValidationError is a DecodeError
+            await self._dead(message, f"invalid report: {error}")
+            return
+        try:
+            outcome = await to_thread.run_sync(
+                lambda: apply_report(self._ledger, job_id, report, max_attempts=self._max_attempts)
+            )
+        except NotFound as error:
+            await self._dead(message, error.message)
+            return
+        except _DATABASE_DOWN as error:
+            delay = min(0.5 * 2**deliveries, 30.0)
+            log.warning("cannot record report (%s); redelivery in %.0f s", error, delay)
+            await message.nak(delay=delay)
+            return
+        except DomainError as error:
+            # The domain refused the report's content (say, progress above 100): keep it.
+            await self._dead(message, error.message)
+            return
+        except Exception as error:
+            log.exception("unexpected error applying a report for %s", job_id)
+            if deliveries >= MAX_UNEXPECTED_DELIVERIES:
+                await self._dead(message, f"{type(error).__name__}: {error}")
+            else:
+                await message.nak(delay=min(0.5 * 2**deliveries, 30.0))
+            return
+        log.debug("%s report for %s: %s", _kind(report), job_id, outcome)
+        await message.ack()
+
+    async def _dead(self, message: Msg, reason: str) -> None:
+        """Keep an unprocessable report for people to inspect, then stop its redelivery."""
+        log.error("dead-lettering a report on %s: %s", message.subject, reason)
+        letter = DeadLetter(
+            subject=message.subject,
+            reason=reason,
+            payload=message.data.decode("utf-8", "replace"),
+            deliveries=message.metadata.num_delivered or 1,
+        )
+        js = await self._bus.jetstream()
+        await js.publish(
+            self._namespace.dead_letter_subject("reports"), msgspec.json.encode(letter)
+        )
+        await message.term()

@@ -1,0 +1,1 @@
+"""The miner agent: takes assignments from the ledger, runs them with executors, reports back."""

@@ -1,0 +1,592 @@
+"""The miner agent: pulls assignments, runs executors, reports back, stays visibly alive.
+
+Lifecycle (docs/protocol.md has the wire details):
+
+1. Learn who it is: `GET /v1/miners/me` with its miner key (retried until the API answers).
+2. Describe its hardware: GPUs from NVML, or the pseudo type it was told to offer;
+   `PUT /v1/miners/{id}` when that differs from what the ledger has.
+3. Pull assignments from its durable JetStream consumer, never more than it has free
+   slots for; acknowledge each once it is held (listed in heartbeats), then run it.
+4. Report started, progress (at most once a second, only forward), and completed or
+   failed, each published to JetStream with a Nats-Msg-Id and retried until stored.
+5. Heartbeat every few seconds with what it holds; obey cancel orders from control.
+6. On SIGTERM, drain: take nothing new, let running attempts finish for a while,
+   then hand back (report `released`) what is still running, and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import msgspec
+import nats
+from anyio import to_thread
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from app import protocol
+from app.bus import NATS_DOWN
+from app.gpu import GpuProbe, GpuUsage, UsageSampler
+from app.miner.executors import ExecutionContext, ExecutorError, ExecutorRegistry, Output
+from app.protocol import Namespace
+from domain.gpus import normalize_gpu_type
+
+log = logging.getLogger("jobledger.miner")
+
+ASSIGNMENT_ACK_WAIT_SECONDS = 30.0
+_API_RETRY_SECONDS = 2.0
+
+
+class AgentError(Exception):
+    """The agent cannot run as configured (bad key, no GPU and no --gpu-type, ...)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """How one agent process runs; built by `jobledger miner` from flags and environment."""
+
+    api_url: str
+    nats_urls: list[str]
+    key: str
+    prefix: str = protocol.DEFAULT_PREFIX
+    # Offer this GPU type instead of what NVML finds (required when it finds nothing).
+    gpu_type: str | None = None
+    gpu_count: int | None = None
+    vram_gb: int | None = None
+    max_concurrent: int | None = None
+    heartbeat_seconds: float = 5.0
+    progress_interval_seconds: float = 1.0
+    # On SIGTERM, how long running attempts may take to finish before they are handed back.
+    drain_seconds: float = 30.0
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    """What the agent tells the ledger it offers (the body of PUT /v1/miners/{id})."""
+
+    gpu_type: str
+    gpu_count: int
+    vram_gb: int
+    location: str
+    price_per_hour: Decimal
+    max_concurrent: int
+
+
+def offered_capabilities(
+    config: AgentConfig, gpus: list[protocol.GpuInfo], registered: dict[str, Any]
+) -> Capabilities:
+    """What this machine offers: its GPUs or its pseudo type, the rest as registered."""
+    if config.gpu_type is not None:
+        gpu_type = normalize_gpu_type(config.gpu_type)
+        gpu_count = config.gpu_count or max(len(gpus), 1)
+        vram_gb = config.vram_gb if config.vram_gb is not None else 0
+    elif gpus:
+        gpu_type = normalize_gpu_type(gpus[0].name)
+        gpu_count = config.gpu_count or len(gpus)
+        vram_gb = (
+            config.vram_gb
+            if config.vram_gb is not None
+            else min(g.memory_total_mb for g in gpus) // 1024
+        )
+    else:
+        raise AgentError(
+            "no GPU found through NVML; to run anyway, say which GPU type to offer "
+            "(--gpu-type cpu, or any type name for testing)"
+        )
+    return Capabilities(
+        gpu_type=gpu_type,
+        gpu_count=gpu_count,
+        vram_gb=vram_gb,
+        location=str(registered.get("location") or "unknown"),
+        price_per_hour=Decimal(str(registered.get("price_per_hour", "0"))),
+        max_concurrent=config.max_concurrent or int(registered.get("max_concurrent") or 1),
+    )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt the agent holds, from the moment it is pulled until its last report."""
+
+    assignment: protocol.Assignment
+    gpu_indices: tuple[int, ...]
+    task: asyncio.Task[None] | None = None
+    progress: int = 0
+    # Why the task is being stopped, decided before it is cancelled.
+    stop_as: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.assignment.job_id, self.assignment.attempt)
+
+
+class MinerAgent:
+    """One miner: its identity, its NATS connection and the attempts it holds."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        registry: ExecutorRegistry,
+        probe: GpuProbe | None,
+        gpus: list[protocol.GpuInfo],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._probe = probe
+        self._gpus = gpus
+        self._ns = Namespace(config.prefix)
+        self._session = secrets.token_hex(8)
+        self._held: dict[tuple[str, int], _Attempt] = {}
+        # Cancel orders for attempts not (yet) held: their assignment is skipped on arrival.
+        self._canceled_early: set[tuple[str, int]] = set()
+        self._slot_freed = asyncio.Event()
+        self._free_gpus = [gpu.index for gpu in gpus]
+        self._draining = False
+        self.miner_id = ""
+        self.max_concurrent = 1
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+
+    # ---- start ----------------------------------------------------------------
+
+    async def register(self) -> Capabilities:
+        """Learn our miner id from the API and bring our capabilities up to date there."""
+        headers = {"X-Api-Key": self._config.key}
+        async with httpx.AsyncClient(
+            base_url=self._config.api_url, headers=headers, timeout=10
+        ) as api:
+            me = await _until_answered(lambda: api.get("/v1/miners/me"))
+            if me.status_code in (401, 403):
+                raise AgentError(f"the API refused the miner key: {_error_message(me)}")
+            if me.status_code != 200:
+                raise AgentError(f"GET /v1/miners/me answered {me.status_code}: {me.text}")
+            registered = me.json()
+            self.miner_id = str(registered["miner_id"])
+            if registered.get("status") == "deregistered":
+                raise AgentError(f"miner {self.miner_id} is deregistered; register a new one")
+            wanted = offered_capabilities(self._config, self._gpus, registered)
+            current = {k: registered.get(k) for k in Capabilities.__struct_fields__}
+            if msgspec.to_builtins(wanted) != msgspec.to_builtins(
+                msgspec.convert(current, Capabilities, strict=False)
+            ):
+                answer = await api.put(
+                    f"/v1/miners/{self.miner_id}",
+                    content=msgspec.json.encode(wanted),
+                    headers={"Content-Type": "application/json"},
+                )
+                if answer.status_code != 200:
+                    raise AgentError(f"could not update capabilities: {_error_message(answer)}")
+                log.info("capabilities updated: %s", msgspec.to_builtins(wanted))
+        self.max_concurrent = wanted.max_concurrent
+        return wanted
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then drain and return."""
+        await self.register()
+        self._nc = await nats.connect(
+            self._config.nats_urls,
+            name=f"jobledger-miner-{self.miner_id}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+        )
+        self._js = self._nc.jetstream()
+        log.info(
+            "miner %s ready: %d slot(s), executors %s",
+            self.miner_id,
+            self.max_concurrent,
+            ", ".join(self._registry.names()),
+        )
+        workers = [
+            asyncio.create_task(self._heartbeats(), name="heartbeats"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
+        pulling = asyncio.create_task(self._assignment_loop(), name="assignments")
+        try:
+            await stop.wait()
+        finally:
+            self._draining = True
+            await self._send_heartbeat()  # tell the scheduler at once: no new work
+            pulling.cancel()
+            await asyncio.gather(pulling, return_exceptions=True)
+            await self._drain()
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await self._send_heartbeat()
+            # Reports were all acknowledged by JetStream; flush the last heartbeat and go.
+            with contextlib.suppress(*NATS_DOWN):
+                await self._nc.flush(timeout=2)
+            await self._nc.close()
+
+    # ---- assignments ----------------------------------------------------------
+
+    async def _subscribe(self, subject: str, durable: str, stream: str) -> Any:
+        assert self._js is not None
+        while True:
+            try:
+                return await self._js.pull_subscribe(
+                    subject,
+                    durable=durable,
+                    stream=stream,
+                    config=ConsumerConfig(
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=ASSIGNMENT_ACK_WAIT_SECONDS,
+                        max_deliver=-1,
+                    ),
+                )
+            except NATS_DOWN as error:
+                log.warning("cannot subscribe to %s (%s); retrying", subject, error)
+                await asyncio.sleep(1.0)
+
+    async def _assignment_loop(self) -> None:
+        subscription = await self._subscribe(
+            self._ns.assignments_subject(self.miner_id),
+            self._ns.assignments_consumer(self.miner_id),
+            self._ns.stream_name("ASSIGNMENTS"),
+        )
+        while not self._draining:
+            free = self.max_concurrent - len(self._held)
+            if free <= 0:
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), 1.0)
+                continue
+            try:
+                messages = await subscription.fetch(free, timeout=1.0)
+            except TimeoutError:
+                continue
+            except NATS_DOWN as error:
+                log.warning("cannot pull assignments (%s); retrying", error)
+                await asyncio.sleep(1.0)
+                continue
+            for message in messages:
+                await self._accept(message)
+
+    async def _accept(self, message: Msg) -> None:
+        try:
+            assignment = protocol.assignment_decoder.decode(message.data)
+        except msgspec.DecodeError as error:
+            log.error("dropping an unreadable assignment: %s", error)
+            await message.term()
+            return
+        key = (assignment.job_id, assignment.attempt)
+        if key in self._held:
+            await message.ack()  # a redelivery of what we already run
+            return
+        if key in self._canceled_early:
+            self._canceled_early.discard(key)
+            await self._report(assignment.job_id, self._canceled(assignment.attempt))
+            await message.ack()
+            return
+        attempt = _Attempt(assignment, self._take_gpus(assignment.requirements.gpu_count))
+        self._held[key] = attempt
+        await message.ack()
+        attempt.task = asyncio.create_task(self._execute(attempt), name=f"job-{key[0]}-{key[1]}")
+
+    def _take_gpus(self, count: int) -> tuple[int, ...]:
+        taken = tuple(self._free_gpus[:count])
+        del self._free_gpus[:count]
+        return taken
+
+    # ---- running an attempt ---------------------------------------------------
+
+    async def _execute(self, attempt: _Attempt) -> None:
+        assignment = attempt.assignment
+        job_id, number = attempt.key
+        pump: asyncio.Task[None] | None = None
+        sampler = UsageSampler(self._probe, attempt.gpu_indices)
+        try:
+            executor = self._registry.get(assignment.model)
+            if executor is None:
+                known = ", ".join(self._registry.names())
+                error = ExecutorError(
+                    "unknown_model",
+                    f"no executor for model {assignment.model!r} on this miner; it runs: {known}",
+                )
+                await self._report(job_id, self._failed(number, error, None))
+                return
+            started = protocol.Started(miner_id=self.miner_id, attempt=number, at=datetime.now(UTC))
+            await self._report(job_id, started)
+            pump = asyncio.create_task(self._pump_progress(attempt))
+            await to_thread.run_sync(sampler.start)
+            context = ExecutionContext(
+                job_id=job_id,
+                attempt=number,
+                model=assignment.model,
+                input=assignment.input,
+                input_file_id=assignment.input_file_id,
+                timeout_seconds=assignment.timeout_seconds,
+                gpu_indices=attempt.gpu_indices,
+                progress=self._progress_setter(attempt),
+            )
+            remaining = (assignment.deadline - datetime.now(UTC)).total_seconds()
+            outcome = await self._outcome(executor.run(context), remaining)
+            pump.cancel()
+            usage = await to_thread.run_sync(sampler.stop)
+            await self._report(job_id, self._final(attempt, outcome, usage))
+        except asyncio.CancelledError:
+            await self._report_stopped(attempt)
+        finally:
+            if pump is not None:
+                pump.cancel()
+            await to_thread.run_sync(sampler.stop)
+            self._release(attempt)
+
+    async def _outcome(self, work: Any, remaining: float) -> Output | ExecutorError:
+        """The executor's output or its error; crashes and overruns become errors too."""
+        try:
+            output: Output = await asyncio.wait_for(work, max(remaining, 0.0))
+        except ExecutorError as error:
+            return error
+        except TimeoutError:
+            return ExecutorError("timed_out", "the attempt passed its deadline")
+        except Exception as error:  # an executor plugin's bug must not kill the agent
+            log.exception("executor crashed")
+            return ExecutorError("executor_crashed", f"{type(error).__name__}: {error}")
+        return output
+
+    def _final(
+        self, attempt: _Attempt, outcome: Output | ExecutorError, usage: GpuUsage
+    ) -> protocol.Report:
+        number = attempt.assignment.attempt
+        elapsed = time.monotonic() - attempt.started
+        metrics = protocol.Metrics(
+            execution_seconds=round(elapsed, 6),
+            gpu_seconds=round(elapsed * attempt.assignment.requirements.gpu_count, 6),
+            peak_gpu_memory_mb=usage.peak_memory_mb,
+            peak_gpu_utilization_percent=usage.peak_utilization_percent,
+            mean_gpu_utilization_percent=usage.mean_utilization_percent,
+        )
+        if isinstance(outcome, ExecutorError):
+            return self._failed(number, outcome, metrics)
+        if len(outcome.data) > protocol.MAX_INLINE_RESULT_BYTES:
+            error = ExecutorError(
+                "result_too_large",
+                f"the result is {len(outcome.data)} bytes; results travel inline up to "
+                f"{protocol.MAX_INLINE_RESULT_BYTES} bytes",
+            )
+            return self._failed(number, error, metrics)
+        return protocol.Completed(
+            miner_id=self.miner_id,
+            attempt=number,
+            at=datetime.now(UTC),
+            result=inline_result(outcome),
+            metrics=metrics,
+        )
+
+    async def _report_stopped(self, attempt: _Attempt) -> None:
+        number = attempt.assignment.attempt
+        if attempt.stop_as == "released":
+            report: protocol.Report = protocol.Released(
+                miner_id=self.miner_id,
+                attempt=number,
+                at=datetime.now(UTC),
+                reason="the miner is shutting down",
+            )
+        else:
+            report = self._canceled(number)
+        await self._report(attempt.assignment.job_id, report)
+
+    def _release(self, attempt: _Attempt) -> None:
+        self._held.pop(attempt.key, None)
+        self._free_gpus.extend(attempt.gpu_indices)
+        self._slot_freed.set()
+
+    def _progress_setter(self, attempt: _Attempt) -> Callable[[int], None]:
+        def set_progress(percent: int) -> None:
+            # Any thread may call this; a plain int assignment is atomic, forward only.
+            attempt.progress = max(attempt.progress, min(max(int(percent), 0), 100))
+
+        return set_progress
+
+    async def _pump_progress(self, attempt: _Attempt) -> None:
+        """Publish progress at most once per interval, and only when it moved forward."""
+        sent = 0
+        while True:
+            await asyncio.sleep(self._config.progress_interval_seconds)
+            current = attempt.progress
+            if current > sent:
+                sent = current
+                report = protocol.Progress(
+                    miner_id=self.miner_id,
+                    attempt=attempt.assignment.attempt,
+                    at=datetime.now(UTC),
+                    progress=current,
+                )
+                await self._report(attempt.assignment.job_id, report)
+
+    # ---- control --------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        subscription = await self._subscribe(
+            self._ns.control_subject(self.miner_id),
+            self._ns.control_consumer(self.miner_id),
+            self._ns.stream_name("CONTROL"),
+        )
+        while True:
+            try:
+                messages = await subscription.fetch(16, timeout=1.0)
+            except TimeoutError:
+                continue
+            except NATS_DOWN as error:
+                log.warning("cannot pull control orders (%s); retrying", error)
+                await asyncio.sleep(1.0)
+                continue
+            for message in messages:
+                await self._obey(message)
+
+    async def _obey(self, message: Msg) -> None:
+        try:
+            order = protocol.control_decoder.decode(message.data)
+        except msgspec.DecodeError as error:
+            log.error("dropping an unreadable control order: %s", error)
+            await message.term()
+            return
+        key = (order.job_id, order.attempt)
+        held = self._held.get(key)
+        log.info("cancel order for %s attempt %d: %s", order.job_id, order.attempt, order.reason)
+        if held is not None and held.task is not None:
+            held.stop_as = "canceled"
+            held.task.cancel()  # the task reports `canceled` as it unwinds
+        elif held is None:
+            # Not running here (finished, or not pulled yet): confirm, and skip it if it comes.
+            self._canceled_early.add(key)
+            await self._report(order.job_id, self._canceled(order.attempt))
+        await message.ack()
+
+    # ---- heartbeats and drain -------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._send_heartbeat()
+            await asyncio.sleep(self._config.heartbeat_seconds)
+
+    async def _send_heartbeat(self) -> None:
+        assert self._nc is not None
+        beat = protocol.Heartbeat(
+            miner_id=self.miner_id,
+            inflight=len(self._held),
+            gpus=self._gpus,
+            at=datetime.now(UTC),
+            jobs=[protocol.HeldAttempt(job_id, attempt) for job_id, attempt in self._held],
+            session=self._session,
+            max_concurrent=self.max_concurrent,
+            draining=self._draining,
+        )
+        try:
+            await self._nc.publish(
+                self._ns.heartbeat_subject(self.miner_id), protocol.encoder.encode(beat)
+            )
+        except NATS_DOWN as error:  # the next beat comes in a few seconds
+            log.warning("heartbeat not sent: %s", error)
+
+    async def _drain(self) -> None:
+        """Let running attempts finish for `drain_seconds`, then hand back the rest."""
+        running = [a.task for a in self._held.values() if a.task is not None]
+        if running:
+            log.info(
+                "draining: waiting up to %.0f s for %d job(s)",
+                self._config.drain_seconds,
+                len(running),
+            )
+            await asyncio.wait(running, timeout=self._config.drain_seconds)
+        for attempt in list(self._held.values()):
+            if attempt.task is not None and not attempt.task.done():
+                attempt.stop_as = "released"
+                attempt.task.cancel()
+        leftovers = [a.task for a in self._held.values() if a.task is not None]
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
+    # ---- reports --------------------------------------------------------------
+
+    def _canceled(self, attempt: int) -> protocol.Canceled:
+        return protocol.Canceled(miner_id=self.miner_id, attempt=attempt, at=datetime.now(UTC))
+
+    def _failed(
+        self, attempt: int, error: ExecutorError, metrics: protocol.Metrics | None
+    ) -> protocol.Failed:
+        return protocol.Failed(
+            miner_id=self.miner_id,
+            attempt=attempt,
+            at=datetime.now(UTC),
+            error=error.error_info(),
+            metrics=metrics,
+        )
+
+    async def _report(self, job_id: str, report: protocol.Report) -> None:
+        """Publish a report to JetStream, retrying until it is stored (deduplicated by id)."""
+        assert self._js is not None
+        headers = {protocol.MSG_ID_HEADER: protocol.report_msg_id(job_id, report)}
+        payload = protocol.encoder.encode(report)
+        backoff = 0.2
+        while True:
+            try:
+                await self._js.publish(
+                    self._ns.reports_subject(job_id), payload, headers=headers, timeout=5
+                )
+            except NATS_DOWN as error:
+                log.warning("report for %s not stored yet (%s); retrying", job_id, error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                return
+
+
+def inline_result(output: Output) -> protocol.InlineResult:
+    """An output as an inline result: text when it is UTF-8, else base64."""
+    digest = hashlib.sha256(output.data).hexdigest()
+    try:
+        text = output.data.decode("utf-8")
+    except UnicodeDecodeError:
+        return protocol.InlineResult(
+            data=base64.b64encode(output.data).decode("ascii"),
+            encoding="base64",
+            content_type=output.content_type,
+            size_bytes=len(output.data),
+            sha256=digest,
+        )
+    return protocol.InlineResult(
+        data=text,
+        encoding="utf-8",
+        content_type=output.content_type,
+        size_bytes=len(output.data),
+        sha256=digest,
+    )
+
+
+async def _until_answered(call: Callable[[], Any]) -> httpx.Response:
+    """Call the API until it answers at all (it may still be starting)."""
+    while True:
+        try:
+            response: httpx.Response = await call()
+        except httpx.TransportError as error:
+            log.info("API not reachable yet (%s); retrying", error)
+            await asyncio.sleep(_API_RETRY_SECONDS)
+            continue
+        if response.status_code in (502, 503, 504):
+            log.info("API not ready yet (%d); retrying", response.status_code)
+            await asyncio.sleep(_API_RETRY_SECONDS)
+            continue
+        return response
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text

@@ -1,0 +1,263 @@
+"""The scheduler: matches pending jobs to live miners and keeps held jobs honest.
+
+One scheduler acts at a time (a PostgreSQL advisory lock; the others stand by), and
+every decision is still a domain command saved with optimistic concurrency, so even
+two acting schedulers could not assign one attempt twice. Each round it
+
+1. applies what held jobs need (`domain.scheduling.verdict`): timeouts, requeues when a
+   miner went silent for a lease, was deregistered or lost the job, and cancels whose
+   miner never confirmed;
+2. plans and writes assignments (`domain.scheduling.plan`), then waits until the views
+   include them, so the next round counts its own assignments against capacity;
+3. records why each job left pending waits (`pending_reason` in the status).
+
+Rounds run whenever the views move and at least twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import eventsourcing.persistence
+import psycopg
+from anyio import to_thread
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from app.projector import ViewPosition
+from app.store import JobLedger
+from domain.errors import Conflict, NotFound
+from domain.jobs import Job, JobStatus
+from domain.pricing import Priority
+from domain.scheduling import (
+    Action,
+    HeldJob,
+    Leases,
+    MinerOffer,
+    PendingJob,
+    Verdict,
+    plan,
+    verdict,
+)
+
+log = logging.getLogger("jobledger.scheduler")
+
+_LEADER_LOCK_ID = 0x6A6C_7363  # "jlsc"
+ROUND_SECONDS = 0.5
+# Pending jobs considered per round, in queue order; the rest wait for the next round.
+PENDING_WINDOW = 2000
+_DATABASE_DOWN = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobledger_pending_reasons (
+    job_id text PRIMARY KEY,
+    reason text NOT NULL,
+    since timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+_MINERS = """
+SELECT m.miner_id, m.gpu_type, m.gpu_count, m.vram_gb, m.price_per_hour, m.max_concurrent,
+       coalesce(l.last_heartbeat_at > now() - make_interval(secs => %s) AND NOT l.draining,
+                false) AS online,
+       coalesce(busy.inflight, 0) AS inflight
+FROM jobledger_miner_views m
+LEFT JOIN jobledger_miner_liveness l ON l.miner_id = m.miner_id
+LEFT JOIN (
+    SELECT miner_id, count(*) AS inflight FROM jobledger_job_views
+    WHERE status IN ('assigned', 'running', 'canceling') GROUP BY miner_id
+) busy ON busy.miner_id = m.miner_id
+WHERE m.active
+"""
+_PENDING = """
+SELECT job_id, gpu_type, gpu_count, min_vram_gb, priority, seq FROM jobledger_job_views
+WHERE status = 'pending'
+ORDER BY CASE priority WHEN 'urgent' THEN 3 WHEN 'high' THEN 2 WHEN 'normal' THEN 1 ELSE 0 END
+    DESC, seq
+LIMIT %s
+"""
+_HELD = """
+SELECT j.job_id, j.status, j.miner_id, j.attempt, j.timeout_seconds, j.assigned_at,
+       j.updated_at, coalesce(m.active, false) AS miner_active, l.last_heartbeat_at,
+       coalesce(l.held, '[]'::jsonb) AS held, now() AS now
+FROM jobledger_job_views j
+LEFT JOIN jobledger_miner_views m ON m.miner_id = j.miner_id
+LEFT JOIN jobledger_miner_liveness l ON l.miner_id = j.miner_id
+WHERE j.status IN ('assigned', 'running', 'canceling')
+"""
+
+
+async def create_schema(pool: AsyncConnectionPool[Any]) -> None:
+    """Create the pending-reasons table if it is missing."""
+    async with pool.connection() as conn:
+        await conn.execute(SCHEMA)
+
+
+class Scheduler:
+    """Assigns, times out, requeues and finishes cancels; one acting instance at a time."""
+
+    def __init__(
+        self,
+        ledger: JobLedger,
+        pool: AsyncConnectionPool[Any],
+        dsn: str,
+        views: ViewPosition,
+        *,
+        leases: Leases,
+        max_attempts: int,
+        view_wait_seconds: float,
+        has_unread_reports: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        self._ledger = ledger
+        self._pool = pool
+        self._dsn = dsn
+        self._views = views
+        self._leases = leases
+        self._max_attempts = max_attempts
+        self._view_wait_seconds = view_wait_seconds
+        # A report still waiting in the stream may finish the job: never requeue over it.
+        self._has_unread_reports = has_unread_reports
+
+    async def run(self) -> None:
+        """Act while holding the scheduler lock; retry after database losses."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._lead()
+            except _DATABASE_DOWN as error:
+                log.warning("scheduler paused (%s); retrying in %.1f s", error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _lead(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as lock:
+            while True:
+                cur = await lock.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK_ID,))
+                found = await cur.fetchone()
+                if found and found[0]:
+                    break
+                await asyncio.sleep(1.0)
+            log.info("scheduler is acting (this process holds the scheduler lock)")
+            watching_since = datetime.now(UTC)
+            while True:
+                await self.run_round(watching_since)
+                await lock.execute("SELECT 1")  # the lock lives with this connection
+                await self._views.wait_for(self._views.position + 1, ROUND_SECONDS)
+
+    async def run_round(self, watching_since: datetime) -> None:
+        """One round: held jobs first (they free capacity), then assignments and reasons."""
+        await self._settle_held(watching_since)
+        await self._assign()
+
+    async def _settle_held(self, watching_since: datetime) -> None:
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_HELD)
+            rows = await cur.fetchall()
+        for row in rows:
+            job = _held_job(row)
+            decision = verdict(job, row["now"], self._leases, watching_since=watching_since)
+            if decision.action is Action.NONE:
+                continue
+            if decision.action is Action.GIVE_BACK and await self._has_unread_reports(job.job_id):
+                continue  # its miner's last words are still on their way
+            await self._enforce(job, decision)
+
+    async def _enforce(self, held: HeldJob, decision: Verdict) -> None:
+        def command(job: Job) -> None:
+            if job.attempt != held.attempt or job.miner_id != held.miner_id:
+                return  # the job moved on since we looked
+            match decision.action:
+                case Action.TIME_OUT:
+                    job.time_out()
+                case Action.GIVE_BACK:
+                    assert decision.cause is not None
+                    job.give_back(decision.cause, max_attempts=self._max_attempts)
+                case Action.CANCEL_UNCONFIRMED:
+                    job.cancel_unconfirmed(decision.reason)
+
+        try:
+            await to_thread.run_sync(self._ledger.change_job, held.job_id, command)
+        except (Conflict, NotFound) as error:
+            log.info("left %s alone: %s", held.job_id, error)
+            return
+        log.info(
+            "%s: %s (attempt %d on %s: %s)",
+            held.job_id,
+            decision.action.value,
+            held.attempt,
+            held.miner_id,
+            decision.reason,
+        )
+
+    async def _assign(self) -> None:
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_MINERS, (self._leases.lease.total_seconds(),))
+            miners = [MinerOffer(**row) for row in await cur.fetchall()]
+            await cur.execute(_PENDING, (PENDING_WINDOW,))
+            pending = [
+                PendingJob(**(row | {"priority": Priority(row["priority"])}))
+                for row in await cur.fetchall()
+            ]
+        decided = plan(pending, miners)
+        position = 0
+        for job_id, miner_id in decided.assignments:
+            try:
+                position = max(
+                    position,
+                    await to_thread.run_sync(
+                        self._ledger.change_job, job_id, lambda job, m=miner_id: job.assign(m)
+                    ),
+                )
+            except (Conflict, NotFound) as error:  # canceled meanwhile, for instance
+                log.info("did not assign %s: %s", job_id, error)
+        await self._record_reasons(decided.reasons)
+        if position:
+            await self._views.wait_for(position, self._view_wait_seconds)
+
+    async def _record_reasons(self, reasons: dict[str, str]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM jobledger_pending_reasons r WHERE NOT EXISTS (SELECT 1 FROM "
+                "jobledger_job_views v WHERE v.job_id = r.job_id AND v.status = 'pending')"
+            )
+            if reasons:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO jobledger_pending_reasons (job_id, reason) VALUES (%s, %s) "
+                        "ON CONFLICT (job_id) DO UPDATE SET reason = EXCLUDED.reason, since = "
+                        "CASE WHEN jobledger_pending_reasons.reason = EXCLUDED.reason "
+                        "THEN jobledger_pending_reasons.since ELSE now() END",
+                        list(reasons.items()),
+                    )
+
+
+def _held_job(row: dict[str, Any]) -> HeldJob:
+    return HeldJob(
+        job_id=row["job_id"],
+        status=JobStatus(row["status"]),
+        miner_id=row["miner_id"],
+        attempt=row["attempt"],
+        timeout_seconds=row["timeout_seconds"],
+        # Views written before assigned_at existed: the last change is the best bound.
+        assigned_at=row["assigned_at"] or row["updated_at"],
+        status_since=row["updated_at"],
+        miner_active=row["miner_active"],
+        last_heartbeat_at=row["last_heartbeat_at"],
+        miner_holds=frozenset((job_id, attempt) for job_id, attempt in row["held"]),
+    )
+
+
+def lease_settings(lease_seconds: float, cancel_grace_seconds: float) -> Leases:
+    """Leases from the configured seconds."""
+    return Leases(
+        lease=timedelta(seconds=lease_seconds), cancel_grace=timedelta(seconds=cancel_grace_seconds)
+    )
