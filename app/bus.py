@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from app.protocol import DUPLICATE_WINDOW_SECONDS, Namespace, StreamSpec
+from app.protocol import DUPLICATE_WINDOW_SECONDS, MAX_MESSAGE_BYTES, Namespace, StreamSpec
 
 log = logging.getLogger("jobledger.bus")
 # What a lost or unreachable NATS raises (nats-py timeouts are asyncio.TimeoutError too).
@@ -96,8 +96,9 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
-        max_age=float(spec.max_age_seconds) if spec.max_age_seconds else None,
-        max_bytes=spec.max_bytes,
+        max_age=float(spec.max_age_seconds),
+        max_msgs=spec.max_messages,
+        max_msg_size=MAX_MESSAGE_BYTES,
         duplicate_window=float(DUPLICATE_WINDOW_SECONDS),
         num_replicas=1,
     )

@@ -34,6 +34,8 @@ EVENT_TYPE_HEADER: Final = "Jobledger-Event-Type"
 POSITION_HEADER: Final = "Jobledger-Position"
 # Inline results travel inside the completion report; NATS payloads default to at most 1 MiB.
 MAX_INLINE_RESULT_BYTES: Final = 256 * 1024
+# The largest message any stream accepts (NATS's default max_payload).
+MAX_MESSAGE_BYTES: Final = 1024 * 1024
 # Seconds the streams remember message ids; a republish within it is dropped by NATS.
 DUPLICATE_WINDOW_SECONDS: Final = 2 * 3600
 
@@ -54,7 +56,7 @@ class StreamSpec:
     subjects: tuple[str, ...]
     work_queue: bool
     max_age_seconds: int
-    max_bytes: int
+    max_messages: int
     # discard "new" makes publishers wait (nothing is lost); "old" ages out history.
     discard: Literal["new", "old"]
 
@@ -125,32 +127,36 @@ class Namespace:
         return miner_id if valid_token(miner_id) else None
 
     def streams(self) -> tuple[StreamSpec, ...]:
-        """Every stream of the protocol, with the settings docs/operations.md explains."""
+        """Every stream of the protocol, with the settings docs/operations.md explains.
+
+        Limits are message counts and ages, not bytes: JetStream reserves a stream's
+        byte limit up front, which would stop several ledgers (or test runs) from
+        sharing one server. Each message is at most MAX_MESSAGE_BYTES.
+        """
         day = 86400
-        gib = 1024**3
         return (
             StreamSpec(
                 name=self.stream_name("ASSIGNMENTS"),
                 subjects=(f"{self.prefix}.miners.*.assignments",),
                 work_queue=True,
-                max_age_seconds=0,
-                max_bytes=gib,
+                max_age_seconds=day,
+                max_messages=1_000_000,
                 discard="new",
             ),
             StreamSpec(
                 name=self.stream_name("CONTROL"),
                 subjects=(f"{self.prefix}.miners.*.control",),
                 work_queue=True,
-                max_age_seconds=0,
-                max_bytes=gib // 4,
+                max_age_seconds=day,
+                max_messages=1_000_000,
                 discard="new",
             ),
             StreamSpec(
                 name=self.stream_name("REPORTS"),
                 subjects=(self.all_reports(),),
                 work_queue=True,
-                max_age_seconds=0,
-                max_bytes=4 * gib,
+                max_age_seconds=7 * day,
+                max_messages=10_000_000,
                 discard="new",
             ),
             StreamSpec(
@@ -158,7 +164,7 @@ class Namespace:
                 subjects=(f"{self.prefix}.events.>",),
                 work_queue=False,
                 max_age_seconds=7 * day,
-                max_bytes=8 * gib,
+                max_messages=50_000_000,
                 discard="old",
             ),
             StreamSpec(
@@ -166,7 +172,7 @@ class Namespace:
                 subjects=(f"{self.prefix}.dead.>",),
                 work_queue=False,
                 max_age_seconds=30 * day,
-                max_bytes=gib,
+                max_messages=1_000_000,
                 discard="old",
             ),
         )
@@ -266,8 +272,19 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     draining: bool = False
 
 
-class InlineResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A result small enough to travel inside the completion report."""
+class InlineResult(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="storage",
+    tag="inline",
+):
+    """A result small enough to travel inside the completion report (`"storage": "inline"`).
+
+    `storage` tells result kinds apart: results too large to travel inline will be
+    uploaded and referenced by a second kind, so a report carries one or the other.
+    """
 
     # The bytes: as text when encoding is utf-8, else base64.
     data: str
