@@ -96,7 +96,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
-        max_age=float(spec.max_age_seconds),
+        max_age=float(spec.max_age_seconds),  # 0: no age limit
         max_msgs=spec.max_messages,
         max_msg_size=MAX_MESSAGE_BYTES,
         duplicate_window=float(DUPLICATE_WINDOW_SECONDS),

@@ -366,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP request of the miner agent is noise; its failures are logged by us.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return run(args, Settings.from_env(os.environ))
     except (ConfigError, EmbeddedServiceError, ValueError) as error:

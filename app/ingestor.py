@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import logging
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -36,7 +36,7 @@ from app import protocol
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
 from app.store import JobLedger
-from domain.errors import DomainError, InvalidTransition, NotFound
+from domain.errors import ConcurrentChange, DomainError, InvalidTransition, NotFound
 from domain.jobs import Job, JobStatus, RequeueCause
 from domain.pricing import price
 
@@ -56,6 +56,8 @@ MAX_UNEXPECTED_DELIVERIES = 5
 ACK_WAIT_SECONDS = 30.0
 # The error code with which a miner reports an attempt that ran past its deadline.
 TIMED_OUT_CODE = "timed_out"
+# How far a miner's clock may run ahead when it says the deadline passed.
+CLOCK_SKEW = timedelta(seconds=2)
 
 
 class Outcome(StrEnum):
@@ -84,8 +86,21 @@ def billed_seconds(job: Job, metrics: protocol.Metrics, now: datetime) -> Decima
     return max(min(reported, observed), Decimal(0))
 
 
+def _past_deadline(job: Job) -> bool:
+    """True if the attempt's deadline has passed, allowing the miner's clock some skew."""
+    if job.assigned_at is None:
+        return False
+    deadline = job.assigned_at + timedelta(seconds=job.timeout_seconds)
+    return datetime.now(UTC) >= deadline - CLOCK_SKEW
+
+
 def check_result(result: protocol.InlineResult) -> str | None:
     """Why an inline result is unusable, or None when its size and digest are right."""
+    if result.size_bytes > protocol.MAX_INLINE_RESULT_BYTES:
+        return (
+            f"inline results may be at most {protocol.MAX_INLINE_RESULT_BYTES} bytes, "
+            f"this one is {result.size_bytes}"
+        )
     try:
         data = (
             base64.b64decode(result.data, validate=True)
@@ -119,6 +134,8 @@ def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: 
     if not job.holds(report.miner_id, report.attempt):
         if report.miner_id == job.miner_id and report.attempt == job.attempt:
             return Outcome.IGNORED  # the holder, late: the attempt already ended
+        if isinstance(report, protocol.Canceled | protocol.Released):
+            return Outcome.IGNORED  # an answer to a cancel order: it claims no work
         job.reject_report(
             miner_id=report.miner_id,
             attempt=report.attempt,
@@ -159,8 +176,10 @@ def _apply(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: i
                     priority=job.priority,
                 ),
             )
-        case protocol.Failed(error=error) if error.code == TIMED_OUT_CODE:
+        case protocol.Failed(error=error) if error.code == TIMED_OUT_CODE and _past_deadline(job):
             job.time_out()  # the miner noticed the deadline before the scheduler did
+        case protocol.Failed() if job.status is JobStatus.CANCELING:
+            job.confirm_canceled(attempt=attempt)  # it stopped, as it was asked to
         case protocol.Failed(error=error):
             job.fail(attempt=attempt, error=error.message, error_code=error.code)
         case protocol.Canceled() | protocol.Released():
@@ -234,41 +253,54 @@ class Ingestor:
 
     async def handle(self, message: Msg) -> None:
         """Apply one report and settle its message: ack, nak with a delay, or dead-letter."""
-        deliveries = message.metadata.num_delivered or 1
-        job_id = self._namespace.job_of(message.subject)
-        if job_id is None:
-            await self._dead(message, f"not a reports subject: {message.subject}")
+        decoded = await self._decoded(message)
+        if decoded is None:
             return
-        try:
-            report = protocol.report_decoder.decode(message.data)
-        except msgspec.DecodeError as error:  # ValidationError is a DecodeError
-            await self._dead(message, f"invalid report: {error}")
-            return
+        job_id, report = decoded
         try:
             outcome = await to_thread.run_sync(
                 lambda: apply_report(self._ledger, job_id, report, max_attempts=self._max_attempts)
             )
-        except NotFound as error:
-            await self._dead(message, error.message)
-            return
-        except _DATABASE_DOWN as error:
-            delay = min(0.5 * 2**deliveries, 30.0)
-            log.warning("cannot record report (%s); redelivery in %.0f s", error, delay)
-            await message.nak(delay=delay)
-            return
-        except DomainError as error:
-            # The domain refused the report's content (say, progress above 100): keep it.
-            await self._dead(message, error.message)
-            return
-        except Exception as error:
-            log.exception("unexpected error applying a report for %s", job_id)
-            if deliveries >= MAX_UNEXPECTED_DELIVERIES:
-                await self._dead(message, f"{type(error).__name__}: {error}")
-            else:
-                await message.nak(delay=min(0.5 * 2**deliveries, 30.0))
+        except Exception as error:  # each kind is settled explicitly below
+            await self._settle_failure(message, job_id, error)
             return
         log.debug("%s report for %s: %s", _kind(report), job_id, outcome)
         await message.ack()
+
+    async def _decoded(self, message: Msg) -> tuple[str, protocol.Report] | None:
+        """The job id and report of a message, or None after dead-lettering an unusable one."""
+        job_id = self._namespace.job_of(message.subject)
+        if job_id is None:
+            await self._dead(message, f"not a reports subject: {message.subject}")
+            return None
+        try:
+            return job_id, protocol.report_decoder.decode(message.data)
+        except msgspec.DecodeError as error:  # ValidationError is a DecodeError
+            await self._dead(message, f"invalid report: {error}")
+            return None
+
+    async def _settle_failure(self, message: Msg, job_id: str, error: Exception) -> None:
+        """Retry what may succeed later; dead-letter what never will."""
+        deliveries = message.metadata.num_delivered or 1
+        match error:
+            case NotFound():
+                await self._dead(message, error.message)
+            case ConcurrentChange():
+                log.info("%s; redelivery shortly", error.message)
+                await message.nak(delay=min(0.1 * 2**deliveries, 5.0))
+            case _ if isinstance(error, _DATABASE_DOWN):
+                delay = min(0.5 * 2**deliveries, 30.0)
+                log.warning("cannot record report (%s); redelivery in %.0f s", error, delay)
+                await message.nak(delay=delay)
+            case DomainError():
+                # The domain refused the report's content (say, progress above 100): keep it.
+                await self._dead(message, error.message)
+            case _:
+                log.error("unexpected error applying a report for %s", job_id, exc_info=error)
+                if deliveries >= MAX_UNEXPECTED_DELIVERIES:
+                    await self._dead(message, f"{type(error).__name__}: {error}")
+                else:
+                    await message.nak(delay=min(0.5 * 2**deliveries, 30.0))
 
     async def _dead(self, message: Msg, reason: str) -> None:
         """Keep an unprocessable report for people to inspect, then stop its redelivery."""
@@ -280,7 +312,11 @@ class Ingestor:
             deliveries=message.metadata.num_delivered or 1,
         )
         js = await self._bus.jetstream()
+        # One dead letter per original message, however often this is retried.
+        original = f"reports:{message.metadata.sequence.stream}"
         await js.publish(
-            self._namespace.dead_letter_subject("reports"), msgspec.json.encode(letter)
+            self._namespace.dead_letter_subject("reports"),
+            msgspec.json.encode(letter),
+            headers={protocol.MSG_ID_HEADER: original},
         )
         await message.term()

@@ -155,7 +155,7 @@ class Namespace:
                 name=self.stream_name("REPORTS"),
                 subjects=(self.all_reports(),),
                 work_queue=True,
-                max_age_seconds=7 * day,
+                max_age_seconds=0,  # kept until applied, however long the ledger is down
                 max_messages=10_000_000,
                 discard="new",
             ),

@@ -87,7 +87,8 @@ LIMIT %s
 """
 _HELD = """
 SELECT j.job_id, j.status, j.miner_id, j.attempt, j.timeout_seconds, j.assigned_at,
-       j.updated_at, coalesce(m.active, false) AS miner_active, l.last_heartbeat_at,
+       coalesce(j.status_since, j.updated_at) AS status_since,
+       coalesce(m.active, false) AS miner_active, l.last_heartbeat_at,
        coalesce(l.held, '[]'::jsonb) AS held, now() AS now
 FROM jobledger_job_views j
 LEFT JOIN jobledger_miner_views m ON m.miner_id = j.miner_id
@@ -247,9 +248,9 @@ def _held_job(row: dict[str, Any]) -> HeldJob:
         miner_id=row["miner_id"],
         attempt=row["attempt"],
         timeout_seconds=row["timeout_seconds"],
-        # Views written before assigned_at existed: the last change is the best bound.
-        assigned_at=row["assigned_at"] or row["updated_at"],
-        status_since=row["updated_at"],
+        # Views written before assigned_at existed: the status change is the best bound.
+        assigned_at=row["assigned_at"] or row["status_since"],
+        status_since=row["status_since"],
         miner_active=row["miner_active"],
         last_heartbeat_at=row["last_heartbeat_at"],
         miner_holds=frozenset((job_id, attempt) for job_id, attempt in row["held"]),

@@ -19,7 +19,7 @@ from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
 
 from domain.errors import (
-    Conflict,
+    ConcurrentChange,
     IdempotencyConflict,
     InvalidJobRequest,
     JobNotFound,
@@ -197,7 +197,7 @@ class JobLedger(Application[UUID]):
             except IntegrityError:
                 continue
             return recordings[-1].notification.id if recordings else 0
-        raise Conflict(f"miner {miner_id} is changing too fast; retry the request")
+        raise ConcurrentChange(f"miner {miner_id} is changing too fast; retry the request")
 
     def _command(self, job_id: str, owner: str | None, command: Callable[[Job], None]) -> int:
         """Run `command` on the job's latest version and save; returns the log position.
@@ -214,7 +214,7 @@ class JobLedger(Application[UUID]):
             except IntegrityError:
                 continue
             return recordings[-1].notification.id if recordings else 0
-        raise Conflict(f"job {job_id} is changing too fast; retry the request")
+        raise ConcurrentChange(f"job {job_id} is changing too fast; retry the request")
 
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""

@@ -44,6 +44,10 @@ class InvalidTransition(Conflict):
         self.command = command
 
 
+class ConcurrentChange(Conflict):
+    """Other writers kept changing the aggregate while the command retried; try again later."""
+
+
 class StaleAttempt(Conflict):
     """A report or command names an attempt that is no longer the job's current one."""
 

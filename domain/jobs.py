@@ -206,7 +206,7 @@ class Job(Aggregate):
 
         def record_on(self, job: Job) -> None:
             job.error = self.error
-            job.error_code = self.error_code
+            job.error_code = self.error_code or "failed"
             job.finished_at = self.timestamp
 
     class CancelRequested(Event):
@@ -227,6 +227,7 @@ class Job(Aggregate):
 
         def record_on(self, job: Job) -> None:
             job.error = f"timed out after {job.timeout_seconds} seconds"
+            job.error_code = "timed_out"
             job.finished_at = self.timestamp
 
     class Requeued(Event):

@@ -48,6 +48,8 @@ class JobRow(msgspec.Struct, kw_only=True):
     error_code: str | None = None
     # When the current attempt was handed to its miner; its deadline counts from here.
     assigned_at: datetime | None = None
+    # When the job entered its current status (a cancel's grace period counts from here).
+    status_since: datetime | None = None
 
 
 class RuntimeSample(msgspec.Struct, frozen=True):
@@ -87,12 +89,15 @@ def fold(row: JobRow | None, event: Any, seq: int) -> JobRow:
             completed_at=None,
             updated_at=event.timestamp,
             version=event.originator_version,
+            status_since=event.timestamp,
         )
     if row is None:
         raise ValueError(f"event {type(event).__qualname__} for a job with no Submitted event")
     changes: dict[str, Any] = {"updated_at": event.timestamp, "version": event.originator_version}
     if isinstance(event, Job.Event) and event.resulting_status is not None:
         changes["status"] = event.resulting_status.value
+        if event.resulting_status.value != row.status:
+            changes["status_since"] = event.timestamp
     match event:
         case Job.Assigned(miner_id=miner_id, attempt=attempt):
             changes |= {"miner_id": miner_id, "attempt": attempt, "assigned_at": event.timestamp}

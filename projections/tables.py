@@ -56,11 +56,13 @@ CREATE TABLE IF NOT EXISTS jobledger_job_views (
     updated_at timestamptz NOT NULL,
     version integer NOT NULL,
     error_code text,
-    assigned_at timestamptz
+    assigned_at timestamptz,
+    status_since timestamptz
 );
 -- Columns added after the first release; rebuilt views fill them from the log.
 ALTER TABLE jobledger_job_views ADD COLUMN IF NOT EXISTS error_code text;
 ALTER TABLE jobledger_job_views ADD COLUMN IF NOT EXISTS assigned_at timestamptz;
+ALTER TABLE jobledger_job_views ADD COLUMN IF NOT EXISTS status_since timestamptz;
 CREATE INDEX IF NOT EXISTS jobledger_job_views_by_owner
     ON jobledger_job_views (owner, seq DESC);
 CREATE INDEX IF NOT EXISTS jobledger_job_views_by_owner_status

@@ -157,7 +157,7 @@ class CreateKeyResponse(msgspec.Struct, kw_only=True):
     name: str
 
 
-MinerStatus = Literal["online", "offline", "deregistered"]
+MinerStatus = Literal["online", "draining", "offline", "deregistered"]
 
 
 class MinerCapabilities(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -48,6 +48,7 @@ from domain.gpus import normalize_gpu_type
 log = logging.getLogger("jobledger.miner")
 
 ASSIGNMENT_ACK_WAIT_SECONDS = 30.0
+CANCELED_EARLY_LIMIT = 10_000
 _API_RETRY_SECONDS = 2.0
 
 
@@ -151,7 +152,8 @@ class MinerAgent:
         self._session = secrets.token_hex(8)
         self._held: dict[tuple[str, int], _Attempt] = {}
         # Cancel orders for attempts not (yet) held: their assignment is skipped on arrival.
-        self._canceled_early: set[tuple[str, int]] = set()
+        # Bounded: the oldest are forgotten first (by then the ledger has moved on).
+        self._canceled_early: dict[tuple[str, int], None] = {}
         self._slot_freed = asyncio.Event()
         self._free_gpus = [gpu.index for gpu in gpus]
         self._draining = False
@@ -289,14 +291,15 @@ class MinerAgent:
             await message.ack()  # a redelivery of what we already run
             return
         if key in self._canceled_early:
-            self._canceled_early.discard(key)
+            del self._canceled_early[key]
             await self._report(assignment.job_id, self._canceled(assignment.attempt))
             await message.ack()
             return
         attempt = _Attempt(assignment, self._take_gpus(assignment.requirements.gpu_count))
         self._held[key] = attempt
-        await message.ack()
+        # The task exists before any await, so a cancel order can always reach it.
         attempt.task = asyncio.create_task(self._execute(attempt), name=f"job-{key[0]}-{key[1]}")
+        await message.ack()
 
     def _take_gpus(self, count: int) -> tuple[int, ...]:
         taken = tuple(self._free_gpus[:count])
@@ -465,7 +468,9 @@ class MinerAgent:
             held.task.cancel()  # the task reports `canceled` as it unwinds
         elif held is None:
             # Not running here (finished, or not pulled yet): confirm, and skip it if it comes.
-            self._canceled_early.add(key)
+            self._canceled_early[key] = None
+            while len(self._canceled_early) > CANCELED_EARLY_LIMIT:
+                del self._canceled_early[next(iter(self._canceled_early))]
             await self._report(order.job_id, self._canceled(order.attempt))
         await message.ack()
 

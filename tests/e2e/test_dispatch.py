@@ -348,3 +348,36 @@ def test_a_nats_restart_mid_run_loses_no_job(
         worker.stop()
     finally:
         broker.stop()
+
+
+def test_cancel_finishes_without_a_miner_that_died(
+    ledger: Served, client: httpx.Client, miners: Callable[..., Miner], nats_url: str
+) -> None:
+    miner = miners(ledger, nats_url, "h200", max_concurrent=1)
+    job_id = submit(client, "sleep", "120", gpu_type="h200")
+    wait_status(client, job_id, {"running"}, on_fail=logs(ledger, miner))
+    miner.kill()
+
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+    wait_status(client, job_id, {"canceled"}, timeout=30, on_fail=logs(ledger))
+    canceled = events(client, job_id)[-1]
+    assert canceled["type"] == "JobCanceled"
+    assert canceled["data"]["reason"] == "the miner is gone"
+
+
+def test_a_miner_that_restarts_and_forgets_its_job_gets_it_again_as_a_new_attempt(
+    ledger: Served, client: httpx.Client, miners: Callable[..., Miner], nats_url: str
+) -> None:
+    first = miners(ledger, nats_url, "mi300x", max_concurrent=1)
+    job_id = submit(client, "sleep", "2", gpu_type="mi300x")
+    wait_status(client, job_id, {"running"}, on_fail=logs(ledger, first))
+    first.kill()
+    # The same miner, back at once: alive, but it no longer knows the attempt.
+    again = miners(ledger, nats_url, "mi300x", max_concurrent=1, key=(first.miner_id, first.key))
+
+    view = wait_status(client, job_id, {"completed"}, timeout=60, on_fail=logs(ledger, again))
+    assert view["attempt"] == 2
+    assert view["miner_id"] == first.miner_id
+    causes = [e["data"]["cause"] for e in events(client, job_id) if e["type"] == "JobRequeued"]
+    assert causes == ["lost_by_miner"]
+    again.stop()

@@ -114,3 +114,56 @@ def test_commands_start_the_embedded_database_when_none_is_running(tmp_path: Pat
     key_id = json.loads(created.stdout)["key_id"]
     revoked = jobledger("keys", "revoke", key_id, env={}, home=tmp_path)
     assert revoked.returncode == 0, revoked.stderr
+
+
+def test_a_miner_without_a_key_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    result = jobledger("miner", "--nats", "nats://127.0.0.1:1", env={}, home=tmp_path)
+    assert result.returncode == 2
+    assert "a miner key is needed" in result.stderr
+
+
+def test_a_miner_without_nvml_needs_to_be_told_which_gpu_type_it_offers(tmp_path: Path) -> None:
+    result = jobledger(
+        "miner", "--nats", "nats://127.0.0.1:1", "--key", "jl_x", env={}, home=tmp_path
+    )
+    assert result.returncode == 2
+    assert "no GPU found" in result.stderr
+    assert "--gpu-type cpu" in result.stderr
+
+
+def test_a_miner_with_a_key_the_api_refuses_says_so(tmp_path: Path, nats_url: str) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"error": {"status": 401, "message": "invalid or revoked API key"}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = jobledger(
+            "miner",
+            "--api",
+            f"http://127.0.0.1:{server.server_port}",
+            "--nats",
+            nats_url,
+            "--key",
+            "jl_revoked",
+            "--gpu-type",
+            "cpu",
+            env={},
+            home=tmp_path,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 2
+    assert "the API refused the miner key: invalid or revoked API key" in result.stderr

@@ -337,3 +337,44 @@ def test_billed_seconds_is_the_lesser_of_claimed_and_observed(scene: Scene) -> N
     assert billed(3600) == Decimal(5)
     assert billed(2.5) == Decimal("2.5")
     assert billed(0) == Decimal(0)
+
+
+def test_a_cancel_confirmation_for_an_attempt_no_longer_held_changes_and_records_nothing(
+    scene: Scene,
+) -> None:
+    scene.report(started(scene.miner))
+    scene.ledger.change_job(
+        scene.job_id,
+        lambda job: job.give_back(RequeueCause.LOST_BY_MINER, max_attempts=MAX_ATTEMPTS),
+    )
+    before = scene.event_types()
+
+    # The old holder answers the cancel order the requeue sent it.
+    assert scene.report(canceled(scene.miner, attempt=1)) is Outcome.IGNORED
+    assert scene.report(released(scene.miner, attempt=1)) is Outcome.IGNORED
+    assert scene.event_types() == before
+
+
+def test_a_miner_saying_timed_out_before_the_deadline_fails_the_job_instead(
+    scene: Scene,
+) -> None:
+    scene.report(started(scene.miner))
+    assert scene.report(failed(scene.miner, "timed_out", "too slow")) is Outcome.APPLIED
+    view = scene.ledger.job_row(scene.job_id, owner=None)
+    # The deadline (assignment + 3600 s) is far away: the ledger does not call it a timeout.
+    assert (view.status, view.error_code) == ("failed", "timed_out")
+
+
+def test_a_failure_while_canceling_confirms_the_cancel(scene: Scene) -> None:
+    scene.report(started(scene.miner))
+    scene.ledger.cancel(scene.job_id, owner=None)
+    assert scene.report(failed(scene.miner, "executor_crashed", "boom")) is Outcome.APPLIED
+    assert scene.status() == "canceled"
+    assert scene.terminal_events() == ["JobCanceled"]
+
+
+def test_an_inline_result_over_the_limit_fails_the_job(scene: Scene) -> None:
+    big = "x" * (protocol.MAX_INLINE_RESULT_BYTES + 1)
+    scene.report(completed(scene.miner, result=inline(big)))
+    view = scene.ledger.job_row(scene.job_id, owner=None)
+    assert (view.status, view.error_code) == ("failed", "invalid_result")

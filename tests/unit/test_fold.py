@@ -99,6 +99,8 @@ def row_view(row: JobRow) -> dict[str, Any]:
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "version": row.version,
+        "assigned_at": row.assigned_at,
+        "error_code": row.error_code,
     }
 
 
@@ -117,6 +119,8 @@ def job_view(job: Job) -> dict[str, Any]:
         "created_at": job.created_on,
         "updated_at": job.modified_on,
         "version": job.version,
+        "assigned_at": job.assigned_at,
+        "error_code": job.error_code,
     }
 
 
@@ -266,3 +270,23 @@ def test_learn_folds_samples_into_the_stats() -> None:
     assert stats == RuntimeStats(1, Decimal(100))
     stats = learn(stats, RuntimeSample("llama-3-8b", "v100", Decimal(200)))
     assert stats == RuntimeStats(2, Decimal(120))
+
+
+def test_status_since_moves_only_when_the_status_changes() -> None:
+    job = submitted()
+    job.assign(MINER)
+    job.start(attempt=1, miner_id=MINER)
+    job.report_progress(attempt=1, progress=10)
+    job.request_cancel()
+    job.reject_report(miner_id=OTHER_MINER, attempt=1, kind="progress", reason="not yours")
+    events = job.collect_events()
+    row = None
+    for offset, event in enumerate(events):
+        row = fold(row, event, FIRST_SEQ + offset)
+    assert row is not None
+    cancel_requested = next(e for e in events if isinstance(e, Job.CancelRequested))
+    # The rejected report changed the row, but not the status: the grace period still
+    # counts from the cancel request.
+    assert row.status == "canceling"
+    assert row.status_since == cancel_requested.timestamp
+    assert row.updated_at == events[-1].timestamp != cancel_requested.timestamp
