@@ -24,9 +24,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
-import eventsourcing.persistence
 import msgspec
-import psycopg
 from anyio import to_thread
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -35,19 +33,13 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from app import protocol
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
-from app.store import JobLedger
+from app.store import DATABASE_DOWN, JobLedger
 from domain.errors import ConcurrentChange, DomainError, InvalidTransition, NotFound
 from domain.jobs import Job, JobStatus, RequeueCause
 from domain.pricing import price
 
 log = logging.getLogger("jobledger.ingestor")
 
-_DATABASE_DOWN = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    eventsourcing.persistence.OperationalError,
-    eventsourcing.persistence.InterfaceError,
-)
 FETCH_BATCH = 64
 # Reports of different jobs are applied concurrently, each job's in stream order.
 CONCURRENT_JOBS = 4
@@ -288,7 +280,7 @@ class Ingestor:
             case ConcurrentChange():
                 log.info("%s; redelivery shortly", error.message)
                 await message.nak(delay=min(0.1 * 2**deliveries, 5.0))
-            case _ if isinstance(error, _DATABASE_DOWN):
+            case _ if isinstance(error, DATABASE_DOWN):
                 delay = min(0.5 * 2**deliveries, 30.0)
                 log.warning("cannot record report (%s); redelivery in %.0f s", error, delay)
                 await message.nak(delay=delay)

@@ -15,20 +15,12 @@ import logging
 import threading
 from typing import Any
 
-import eventsourcing.persistence
 import psycopg
 
-from app.store import JobLedger
+from app.store import DATABASE_DOWN, JobLedger
 from projections import tables
 
 log = logging.getLogger("jobledger.projector")
-# What a lost or restarting database raises, through psycopg or the event store.
-_DATABASE_DOWN = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    eventsourcing.persistence.OperationalError,
-    eventsourcing.persistence.InterfaceError,
-)
 
 
 class Projector:
@@ -52,7 +44,7 @@ class Projector:
         while not stop.is_set():
             try:
                 self._follow(stop)
-            except _DATABASE_DOWN as error:
+            except DATABASE_DOWN as error:
                 failures += 1
                 backoff = min(0.1 * 2**failures, 5.0)
                 log.warning("projector lost the database (%s); retrying in %.1fs", error, backoff)

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from app import protocol
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
-from app.store import JobLedger, event_type_name
+from app.store import DATABASE_DOWN, JobLedger, event_type_name
 from domain.jobs import Job, job_id_of
 from domain.miners import miner_id_of
 
@@ -40,7 +40,6 @@ log = logging.getLogger("jobledger.relay")
 RELAY_NAME = "nats_relay"
 _LEADER_LOCK_ID = 0x6A6C_7265  # "jlre"
 _ENVELOPE = {"originator_id", "originator_version", "timestamp", "originator_topic"}
-_DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class RelayedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,7 +117,7 @@ class Relay:
             try:
                 await ensure_streams(js, self._namespace)
                 await self._lead(js)
-            except (*_DATABASE_DOWN, *NATS_DOWN) as error:
+            except (*DATABASE_DOWN, *NATS_DOWN) as error:
                 log.warning("relay paused (%s: %s); retrying", type(error).__name__, error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -22,14 +22,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import eventsourcing.persistence
 import psycopg
 from anyio import to_thread
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from app.projector import ViewPosition
-from app.store import JobLedger
+from app.store import DATABASE_DOWN, JobLedger
 from domain.errors import Conflict, NotFound
 from domain.jobs import Job, JobStatus
 from domain.pricing import Priority
@@ -50,12 +49,6 @@ _LEADER_LOCK_ID = 0x6A6C_7363  # "jlsc"
 ROUND_SECONDS = 0.5
 # Pending jobs considered per round, in queue order; the rest wait for the next round.
 PENDING_WINDOW = 2000
-_DATABASE_DOWN = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    eventsourcing.persistence.OperationalError,
-    eventsourcing.persistence.InterfaceError,
-)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobledger_pending_reasons (
@@ -134,7 +127,7 @@ class Scheduler:
         while True:
             try:
                 await self._lead()
-            except _DATABASE_DOWN as error:
+            except DATABASE_DOWN as error:
                 log.warning("scheduler paused (%s); retrying in %.1f s", error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

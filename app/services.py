@@ -28,7 +28,7 @@ from app.relay import Relay
 from app.scheduler import Scheduler, lease_settings
 from app.store import JobLedger, postgres_env
 from projections import tables
-from projections.queries import JobQueries
+from projections.queries import JobQueries, MinerQueries
 
 log = logging.getLogger("jobledger.services")
 T = TypeVar("T")
@@ -44,6 +44,7 @@ class Services:
     pool: AsyncConnectionPool[Any]
     ledger: JobLedger
     queries: JobQueries
+    miners: MinerQueries
     keys: ApiKeys
     limiter: RateLimiter | None
     views: ViewPosition
@@ -126,6 +127,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             pool=pool,
             ledger=ledger,
             queries=JobQueries(pool),
+            miners=MinerQueries(pool),
             keys=api_keys,
             limiter=limiter,
             views=views,

@@ -13,7 +13,9 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
 
+import eventsourcing.persistence
 import msgspec
+import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
@@ -55,6 +57,13 @@ def event_type_name(event: object) -> str:
     return type(event).__qualname__.replace(".", "")
 
 
+# What a lost or restarting database raises, through psycopg or the event store.
+DATABASE_DOWN = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
+)
 _COMMAND_ATTEMPTS = 10
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 

@@ -32,18 +32,12 @@ from domain.gpus import normalize_gpu_type
 from domain.miners import Capabilities, Miner, miner_aggregate_id_of
 from domain.pricing import MONEY_QUANTUM, to_money
 from projections.miners import MinerStats, MinerView, view_of_written
-from projections.queries import MinerQueries
 
 MAX_PAGE = 100
 MAX_PRICE_PER_HOUR = Decimal(1_000_000)
 _STRICT_REGISTER = msgspec.json.Decoder(RegisterMinerRequest)
 _STRICT_CAPABILITIES = msgspec.json.Decoder(MinerCapabilities)
 T = TypeVar("T")
-
-
-def miner_queries(services: Services) -> MinerQueries:
-    """The registry's queries, on the process's pool."""
-    return MinerQueries(services.pool)
 
 
 def invalid(field: str, message: str) -> InvalidJobRequest:
@@ -137,7 +131,7 @@ def require_access(principal: Principal, miner_id: str) -> None:
 
 async def load_view(services: Services, miner_id: str) -> MinerView:
     """The miner as the views show it; not there is not found."""
-    view = await miner_queries(services).get(miner_id, services.settings.lease_seconds)
+    view = await services.miners.get(miner_id, services.settings.lease_seconds)
     if view is None:
         raise MinerNotFound(f"miner {miner_id!r} not found", details={"miner_id": miner_id})
     return view
@@ -146,7 +140,7 @@ async def load_view(services: Services, miner_id: str) -> MinerView:
 async def view_after_write(services: Services, miner: Miner, position: int) -> MinerView:
     """The miner's view once the views include this write (or, if they lag, with it applied)."""
     await services.views.wait_for(position, services.settings.view_wait_seconds)
-    seen = await miner_queries(services).get(miner.miner_id, services.settings.lease_seconds)
+    seen = await services.miners.get(miner.miner_id, services.settings.lease_seconds)
     return view_of_written(miner, seen)
 
 
@@ -239,7 +233,7 @@ class MinerController(Controller):
     ) -> MinerListResponse:
         """Miners, newest registration first; deregistered ones only when asked for."""
         services = services_of(state)
-        page = await miner_queries(services).page(
+        page = await services.miners.page(
             limit=limit,
             cursor_seq=decode_cursor(cursor),
             lease_seconds=services.settings.lease_seconds,
@@ -348,5 +342,5 @@ class MinerController(Controller):
         require_access(request.user, miner_id)
         services = services_of(state)
         await load_view(services, miner_id)
-        found = await miner_queries(services).stats(miner_id)
+        found = await services.miners.stats(miner_id)
         return stats_view(found or MinerStats(miner_id=miner_id))

@@ -44,6 +44,7 @@ from app.gpu import GpuProbe, GpuUsage, UsageSampler
 from app.miner.executors import ExecutionContext, ExecutorError, ExecutorRegistry, Output
 from app.protocol import Namespace
 from domain.gpus import normalize_gpu_type
+from domain.miners import Capabilities
 
 log = logging.getLogger("jobledger.miner")
 
@@ -73,17 +74,6 @@ class AgentConfig:
     progress_interval_seconds: float = 1.0
     # On SIGTERM, how long running attempts may take to finish before they are handed back.
     drain_seconds: float = 30.0
-
-
-class Capabilities(msgspec.Struct, kw_only=True):
-    """What the agent tells the ledger it offers (the body of PUT /v1/miners/{id})."""
-
-    gpu_type: str
-    gpu_count: int
-    vram_gb: int
-    location: str
-    price_per_hour: Decimal
-    max_concurrent: int
 
 
 def offered_capabilities(
@@ -127,7 +117,8 @@ class _Attempt:
     progress: int = 0
     # Why the task is being stopped, decided before it is cancelled.
     stop_as: str | None = None
-    started: float = field(default_factory=time.monotonic)
+    # When the executor began (monotonic clock): execution time counts from here.
+    began: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -338,6 +329,7 @@ class MinerAgent:
                 progress=self._progress_setter(attempt),
             )
             remaining = (assignment.deadline - datetime.now(UTC)).total_seconds()
+            attempt.began = time.monotonic()
             outcome = await self._outcome(executor.run(context), remaining)
             pump.cancel()
             usage = await to_thread.run_sync(sampler.stop)
@@ -367,7 +359,7 @@ class MinerAgent:
         self, attempt: _Attempt, outcome: Output | ExecutorError, usage: GpuUsage
     ) -> protocol.Report:
         number = attempt.assignment.attempt
-        elapsed = time.monotonic() - attempt.started
+        elapsed = time.monotonic() - attempt.began
         metrics = protocol.Metrics(
             execution_seconds=round(elapsed, 6),
             gpu_seconds=round(elapsed * attempt.assignment.requirements.gpu_count, 6),
