@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -34,6 +35,8 @@ class Bus:
         self._client: NatsClient | None = None
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Since when the connection has been up without a break; None while it is down.
+        self.up_since: datetime | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -76,6 +79,8 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
                     connect_timeout=2,
+                    disconnected_cb=self._lost,
+                    reconnected_cb=self._regained,
                 )
             except (OSError, NatsError, TimeoutError) as error:
                 log.warning("cannot reach NATS at %s (%s); retrying", self._servers, error)
@@ -84,8 +89,17 @@ class Bus:
             else:
                 url = self._client.connected_url
                 log.info("connected to NATS at %s", url.netloc if url else self._servers)
+                self.up_since = datetime.now(UTC)
                 self.connected.set()
                 return
+
+    async def _lost(self) -> None:
+        self.up_since = None
+        log.warning("lost the NATS connection; reconnecting")
+
+    async def _regained(self) -> None:
+        self.up_since = datetime.now(UTC)
+        log.info("reconnected to NATS")
 
 
 def stream_config(spec: StreamSpec) -> StreamConfig:

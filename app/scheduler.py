@@ -110,6 +110,7 @@ class Scheduler:
         max_attempts: int,
         view_wait_seconds: float,
         has_unread_reports: Callable[[str], Awaitable[bool]],
+        hearing_since: Callable[[], datetime | None],
     ) -> None:
         self._ledger = ledger
         self._pool = pool
@@ -120,6 +121,9 @@ class Scheduler:
         self._view_wait_seconds = view_wait_seconds
         # A report still waiting in the stream may finish the job: never requeue over it.
         self._has_unread_reports = has_unread_reports
+        # Since when heartbeats could reach us (None: not now). Silence means nothing
+        # while our own NATS connection is down, so leases only run after it is back.
+        self._hearing_since = hearing_since
 
     async def run(self) -> None:
         """Act while holding the scheduler lock; retry after database losses."""
@@ -153,12 +157,15 @@ class Scheduler:
         await self._assign()
 
     async def _settle_held(self, watching_since: datetime) -> None:
+        hearing = self._hearing_since()
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(_HELD)
             rows = await cur.fetchall()
         for row in rows:
+            # Not hearing heartbeats now: judge as if we had only just started listening.
+            listening = max(watching_since, hearing) if hearing else row["now"]
             job = _held_job(row)
-            decision = verdict(job, row["now"], self._leases, watching_since=watching_since)
+            decision = verdict(job, row["now"], self._leases, watching_since=listening)
             if decision.action is Action.NONE:
                 continue
             if decision.action is Action.GIVE_BACK and await self._has_unread_reports(job.job_id):

@@ -171,6 +171,7 @@ def _dispatch_workers(
         max_attempts=settings.max_attempts,
         view_wait_seconds=settings.view_wait_seconds,
         has_unread_reports=has_unread_reports,
+        hearing_since=lambda: bus.up_since,
     )
     return [
         ("relay", relay.run),

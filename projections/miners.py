@@ -23,8 +23,9 @@ _SECONDS_PER_HOUR = Decimal(3600)
 _RATE_QUANTUM = Decimal("0.0001")
 _SECONDS_QUANTUM = Decimal("0.001")
 
-# Online: heartbeat within the lease. Offline: registered but silent. Deregistered: retired.
-MinerStatus = Literal["online", "offline", "deregistered"]
+# Online: heartbeat within the lease. Draining: online, shutting down, taking no new work.
+# Offline: registered but silent. Deregistered: retired.
+MinerStatus = Literal["online", "draining", "offline", "deregistered"]
 MINER_EVENTS = (Miner.Registered, Miner.CapabilitiesUpdated, Miner.Deregistered)
 
 

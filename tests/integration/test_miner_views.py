@@ -236,6 +236,23 @@ async def test_a_recent_heartbeat_makes_a_miner_online(
     assert gone is not None and gone.status == "deregistered"
 
 
+async def test_a_draining_miner_is_shown_draining_while_its_heartbeats_last(
+    ledger: JobLedger, conn: psycopg.Connection[Any], miners: MinerQueries
+) -> None:
+    leaving = register(ledger, "leaving")
+    catch_up(ledger, conn)
+    beat(conn, leaving, seconds_ago=1)
+    conn.execute(
+        "UPDATE jobledger_miner_liveness SET draining = true WHERE miner_id = %s", (leaving,)
+    )
+
+    view = await miners.get(leaving, LEASE)
+    assert view is not None and view.status == "draining"
+    beat(conn, leaving, seconds_ago=LEASE + 5)
+    silent = await miners.get(leaving, LEASE)
+    assert silent is not None and silent.status == "offline"
+
+
 async def test_pages_are_newest_first_and_hide_deregistered_miners_unless_asked(
     ledger: JobLedger, conn: psycopg.Connection[Any], miners: MinerQueries
 ) -> None:

@@ -378,3 +378,21 @@ def test_an_inline_result_over_the_limit_fails_the_job(scene: Scene) -> None:
     scene.report(completed(scene.miner, result=inline(big)))
     view = scene.ledger.job_row(scene.job_id, owner=None)
     assert (view.status, view.error_code) == ("failed", "invalid_result")
+
+
+def test_shuffled_and_tripled_reports_end_in_one_completion(scene: Scene) -> None:
+    reports: list[protocol.Report] = [
+        completed(scene.miner),
+        progress(scene.miner, 50),
+        started(scene.miner),
+        failed(scene.miner, "requested_failure", "late"),
+        progress(scene.miner, 20),
+        canceled(scene.miner),
+    ]
+    for report in reports * 3:
+        scene.report(report)
+
+    assert scene.status() == "completed"
+    assert scene.terminal_events() == ["JobCompleted"]
+    # Nothing after the completion was applied: no start, no progress, no rejection.
+    assert scene.event_types() == ["JobSubmitted", "JobAssigned", "JobCompleted"]
