@@ -19,7 +19,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections import defaultdict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -40,9 +40,8 @@ from domain.pricing import price
 
 log = logging.getLogger("jobledger.ingestor")
 
+# Reports applied, and committed, together.
 FETCH_BATCH = 64
-# Reports of different jobs are applied concurrently, each job's in stream order.
-CONCURRENT_JOBS = 4
 # An unexpected error gets this many deliveries before the report is dead-lettered.
 MAX_UNEXPECTED_DELIVERIES = 5
 ACK_WAIT_SECONDS = 30.0
@@ -108,18 +107,37 @@ def check_result(result: protocol.InlineResult) -> str | None:
     return None
 
 
+def report_command(
+    ledger: JobLedger, report: protocol.Report, *, max_attempts: int
+) -> Callable[[Job], Outcome]:
+    """The command that turns one report into at most one event on its job."""
+
+    def command(job: Job) -> Outcome:
+        return _decide(ledger, job, report, max_attempts)
+
+    return command
+
+
+def apply_reports(
+    ledger: JobLedger, reports: Sequence[tuple[str, protocol.Report]], *, max_attempts: int
+) -> list[Outcome | DomainError]:
+    """Apply reports in order, committing all their events together (one transaction)."""
+    commands = [
+        (job_id, report_command(ledger, report, max_attempts=max_attempts))
+        for job_id, report in reports
+    ]
+    results, _ = ledger.change_jobs(commands)
+    return results
+
+
 def apply_report(
     ledger: JobLedger, job_id: str, report: protocol.Report, *, max_attempts: int
 ) -> Outcome:
-    """Turn one report into at most one event on its job (the command retries on races)."""
-    outcome = Outcome.IGNORED
-
-    def command(job: Job) -> None:
-        nonlocal outcome
-        outcome = _decide(ledger, job, report, max_attempts)
-
-    ledger.change_job(job_id, command)
-    return outcome
+    """Apply one report; the domain error it meets, if any, is raised."""
+    [result] = apply_reports(ledger, [(job_id, report)], max_attempts=max_attempts)
+    if isinstance(result, DomainError):
+        raise result
+    return result
 
 
 def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> Outcome:
@@ -135,11 +153,12 @@ def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: 
             reason=f"job is on attempt {job.attempt} held by {job.miner_id or 'no miner'}",
         )
         return Outcome.REJECTED
+    recorded = len(job.pending_events)  # earlier reports of a batch may have recorded some
     try:
         _apply(ledger, job, report, max_attempts)
     except InvalidTransition:
         return Outcome.IGNORED  # e.g. a repeated "started", or progress while canceling
-    return Outcome.APPLIED if job.pending_events else Outcome.IGNORED
+    return Outcome.APPLIED if len(job.pending_events) > recorded else Outcome.IGNORED
 
 
 def _apply(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> None:
@@ -200,7 +219,6 @@ class Ingestor:
         self._bus = bus
         self._namespace = namespace
         self._max_attempts = max_attempts
-        self._slots = asyncio.Semaphore(CONCURRENT_JOBS)
 
     async def run(self) -> None:
         """Consume forever, resubscribing after NATS losses."""
@@ -233,31 +251,35 @@ class Ingestor:
                 messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
             except TimeoutError:
                 continue
-            by_job: dict[str, list[Msg]] = defaultdict(list)
-            for message in messages:
-                by_job[message.subject].append(message)
-            await asyncio.gather(*(self._handle_in_order(group) for group in by_job.values()))
+            await self.handle(messages)
 
-    async def _handle_in_order(self, messages: list[Msg]) -> None:
-        async with self._slots:
-            for message in messages:
-                await self.handle(message)
+    async def handle(self, messages: list[Msg]) -> None:
+        """Apply a fetched batch in stream order, in one transaction, then settle each message.
 
-    async def handle(self, message: Msg) -> None:
-        """Apply one report and settle its message: ack, nak with a delay, or dead-letter."""
-        decoded = await self._decoded(message)
-        if decoded is None:
+        One commit for the whole batch is what lets reports keep up with many miners;
+        each message is still acknowledged only after that commit.
+        """
+        decoded: list[tuple[Msg, str, protocol.Report]] = []
+        for message in messages:
+            if (item := await self._decoded(message)) is not None:
+                decoded.append((message, *item))
+        if not decoded:
             return
-        job_id, report = decoded
+        reports = [(job_id, report) for _, job_id, report in decoded]
         try:
-            outcome = await to_thread.run_sync(
-                lambda: apply_report(self._ledger, job_id, report, max_attempts=self._max_attempts)
+            results = await to_thread.run_sync(
+                lambda: apply_reports(self._ledger, reports, max_attempts=self._max_attempts)
             )
-        except Exception as error:  # each kind is settled explicitly below
-            await self._settle_failure(message, job_id, error)
+        except Exception as error:  # the batch as a whole (the database is down, say)
+            for message, job_id, _ in decoded:
+                await self._settle_failure(message, job_id, error)
             return
-        log.debug("%s report for %s: %s", _kind(report), job_id, outcome)
-        await message.ack()
+        for (message, job_id, report), result in zip(decoded, results, strict=True):
+            if isinstance(result, DomainError):
+                await self._settle_failure(message, job_id, result)
+            else:
+                log.debug("%s report for %s: %s", _kind(report), job_id, result)
+                await message.ack()
 
     async def _decoded(self, message: Msg) -> tuple[str, protocol.Report] | None:
         """The job id and report of a message, or None after dead-lettering an unusable one."""

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.projector import ViewPosition
 from app.store import DATABASE_DOWN, JobLedger
-from domain.errors import Conflict, NotFound
+from domain.errors import DomainError
 from domain.jobs import Job, JobStatus
 from domain.pricing import Priority
 from domain.scheduling import (
@@ -124,6 +124,9 @@ class Scheduler:
         # Since when heartbeats could reach us (None: not now). Silence means nothing
         # while our own NATS connection is down, so leases only run after it is back.
         self._hearing_since = hearing_since
+        # The pending reasons as last written, so a round writes only what changed.
+        self._recorded_reasons: dict[str, str] = {}
+        self._first_reasons = True
 
     async def run(self) -> None:
         """Act while holding the scheduler lock; retry after database losses."""
@@ -146,6 +149,8 @@ class Scheduler:
                 await asyncio.sleep(1.0)
             log.info("scheduler is acting (this process holds the scheduler lock)")
             watching_since = datetime.now(UTC)
+            self._recorded_reasons = {}
+            self._first_reasons = True
             while True:
                 await self.run_round(watching_since)
                 await lock.execute("SELECT 1")  # the lock lives with this connection
@@ -161,6 +166,7 @@ class Scheduler:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(_HELD)
             rows = await cur.fetchall()
+        due: list[tuple[HeldJob, Verdict]] = []
         for row in rows:
             # Not hearing heartbeats now: judge as if we had only just started listening.
             listening = max(watching_since, hearing) if hearing else row["now"]
@@ -170,12 +176,30 @@ class Scheduler:
                 continue
             if decision.action is Action.GIVE_BACK and await self._has_unread_reports(job.job_id):
                 continue  # its miner's last words are still on their way
-            await self._enforce(job, decision)
+            due.append((job, decision))
+        if not due:
+            return
+        commands = [(held.job_id, self._enforcement(held, decision)) for held, decision in due]
+        results, _ = await to_thread.run_sync(self._ledger.change_jobs, commands)
+        for (held, decision), result in zip(due, results, strict=True):
+            if isinstance(result, DomainError):
+                log.info("left %s alone: %s", held.job_id, result)
+            else:
+                log.info(
+                    "%s: %s (attempt %d on %s: %s)",
+                    held.job_id,
+                    decision.action.value,
+                    held.attempt,
+                    held.miner_id,
+                    decision.reason,
+                )
 
-    async def _enforce(self, held: HeldJob, decision: Verdict) -> None:
+    def _enforcement(self, held: HeldJob, decision: Verdict) -> Callable[[Job], None]:
+        """The command carrying out `decision`, unless the job moved on since we looked."""
+
         def command(job: Job) -> None:
             if job.attempt != held.attempt or job.miner_id != held.miner_id:
-                return  # the job moved on since we looked
+                return
             match decision.action:
                 case Action.TIME_OUT:
                     job.time_out()
@@ -185,60 +209,74 @@ class Scheduler:
                 case Action.CANCEL_UNCONFIRMED:
                     job.cancel_unconfirmed(decision.reason)
 
-        try:
-            await to_thread.run_sync(self._ledger.change_job, held.job_id, command)
-        except (Conflict, NotFound) as error:
-            log.info("left %s alone: %s", held.job_id, error)
-            return
-        log.info(
-            "%s: %s (attempt %d on %s: %s)",
-            held.job_id,
-            decision.action.value,
-            held.attempt,
-            held.miner_id,
-            decision.reason,
-        )
+        return command
 
     async def _assign(self) -> None:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(_MINERS, (self._leases.lease.total_seconds(),))
             miners = [MinerOffer(**row) for row in await cur.fetchall()]
             await cur.execute(_PENDING, (PENDING_WINDOW,))
-            pending = [
-                PendingJob(**(row | {"priority": Priority(row["priority"])}))
-                for row in await cur.fetchall()
-            ]
+            rows = await cur.fetchall()
+        priorities = {priority.value: priority for priority in Priority}
+        pending = [
+            PendingJob(
+                job_id=row["job_id"],
+                gpu_type=row["gpu_type"],
+                gpu_count=row["gpu_count"],
+                min_vram_gb=row["min_vram_gb"],
+                priority=priorities[row["priority"]],
+                seq=row["seq"],
+            )
+            for row in rows
+        ]
         decided = plan(pending, miners)
         position = 0
-        for job_id, miner_id in decided.assignments:
-            try:
-                position = max(
-                    position,
-                    await to_thread.run_sync(
-                        self._ledger.change_job, job_id, lambda job, m=miner_id: job.assign(m)
-                    ),
-                )
-            except (Conflict, NotFound) as error:  # canceled meanwhile, for instance
-                log.info("did not assign %s: %s", job_id, error)
+        if decided.assignments:
+            # All of a round's assignments in one transaction: one commit, not one per job.
+            commands = [(job_id, _assignment(miner_id)) for job_id, miner_id in decided.assignments]
+            results, position = await to_thread.run_sync(self._ledger.change_jobs, commands)
+            for (job_id, _), result in zip(decided.assignments, results, strict=True):
+                if isinstance(result, DomainError):  # canceled meanwhile, for instance
+                    log.info("did not assign %s: %s", job_id, result)
         await self._record_reasons(decided.reasons)
         if position:
             await self._views.wait_for(position, self._view_wait_seconds)
 
     async def _record_reasons(self, reasons: dict[str, str]) -> None:
+        """Write only what changed since the last round (all of it in a new term)."""
+        recorded = self._recorded_reasons
+        changed = [(job_id, why) for job_id, why in reasons.items() if recorded.get(job_id) != why]
+        gone = [job_id for job_id in recorded if job_id not in reasons]
+        first = self._first_reasons
+        if not (changed or gone or first):
+            return
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "DELETE FROM jobledger_pending_reasons r WHERE NOT EXISTS (SELECT 1 FROM "
-                "jobledger_job_views v WHERE v.job_id = r.job_id AND v.status = 'pending')"
-            )
-            if reasons:
+            if first:  # whatever an earlier term left behind for jobs no longer pending
+                await conn.execute(
+                    "DELETE FROM jobledger_pending_reasons r WHERE NOT EXISTS (SELECT 1 FROM "
+                    "jobledger_job_views v WHERE v.job_id = r.job_id AND v.status = 'pending')"
+                )
+            if gone:
+                await conn.execute(
+                    "DELETE FROM jobledger_pending_reasons WHERE job_id = ANY(%s)", (gone,)
+                )
+            if changed:
                 async with conn.cursor() as cur:
                     await cur.executemany(
                         "INSERT INTO jobledger_pending_reasons (job_id, reason) VALUES (%s, %s) "
                         "ON CONFLICT (job_id) DO UPDATE SET reason = EXCLUDED.reason, since = "
-                        "CASE WHEN jobledger_pending_reasons.reason = EXCLUDED.reason "
-                        "THEN jobledger_pending_reasons.since ELSE now() END",
-                        list(reasons.items()),
+                        "now()",
+                        changed,
                     )
+        self._recorded_reasons = dict(reasons)
+        self._first_reasons = False
+
+
+def _assignment(miner_id: str) -> Callable[[Job], None]:
+    def command(job: Job) -> None:
+        job.assign(miner_id)
+
+    return command
 
 
 def _held_job(row: dict[str, Any]) -> HeldJob:

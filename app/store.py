@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import eventsourcing.persistence
@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from domain.errors import (
     ConcurrentChange,
+    DomainError,
     IdempotencyConflict,
     InvalidJobRequest,
     JobNotFound,
@@ -64,6 +65,7 @@ DATABASE_DOWN = (
     eventsourcing.persistence.OperationalError,
     eventsourcing.persistence.InterfaceError,
 )
+T = TypeVar("T")
 _COMMAND_ATTEMPTS = 10
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
@@ -207,6 +209,57 @@ class JobLedger(Application[UUID]):
                 continue
             return recordings[-1].notification.id if recordings else 0
         raise ConcurrentChange(f"miner {miner_id} is changing too fast; retry the request")
+
+    def change_jobs(
+        self, commands: Sequence[tuple[str, Callable[[Job], T]]]
+    ) -> tuple[list[T | DomainError], int]:
+        """Run many commands and save all they record in one transaction (one commit).
+
+        Several commands may name one job; they run in order on the same state. Each
+        command's result, or the domain error it raised (which recorded nothing), is
+        returned in order with the log position written. If another writer saved one
+        of these jobs meanwhile, the whole batch is refused by the version check and
+        every command runs again alone, on fresh state, as `change_job` would.
+        """
+        jobs: dict[str, Job] = {}
+        results: list[T | DomainError] = []
+        for job_id, command in commands:
+            try:
+                job = jobs[job_id] if job_id in jobs else self._job(job_id, owner=None)
+                jobs[job_id] = job
+                results.append(command(job))
+            except DomainError as error:
+                results.append(error)
+        changed = [job for job in jobs.values() if job.pending_events]
+        if not changed:
+            return results, 0
+        try:
+            recordings = self.save(*changed)
+        except IntegrityError:
+            return self._one_by_one(commands)
+        return results, recordings[-1].notification.id if recordings else 0
+
+    def _one_by_one(
+        self, commands: Sequence[tuple[str, Callable[[Job], T]]]
+    ) -> tuple[list[T | DomainError], int]:
+        results: list[T | DomainError] = []
+        position = 0
+        for job_id, command in commands:
+            outcome: list[T] = []
+
+            def run(
+                job: Job, command: Callable[[Job], T] = command, into: list[T] = outcome
+            ) -> None:
+                into.append(command(job))
+
+            try:
+                written = self._command(job_id, None, run)
+            except DomainError as error:
+                results.append(error)
+                continue
+            results.append(outcome[-1])
+            position = max(position, written)
+        return results, position
 
     def _command(self, job_id: str, owner: str | None, command: Callable[[Job], None]) -> int:
         """Run `command` on the job's latest version and save; returns the log position.

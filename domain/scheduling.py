@@ -43,11 +43,13 @@ class MinerOffer:
 
     def fits(self, job: PendingJob) -> bool:
         """True if its hardware can ever run the job (whether or not it is free now)."""
-        return (
-            normalize_gpu_type(self.gpu_type) == normalize_gpu_type(job.gpu_type)
-            and self.gpu_count >= job.gpu_count
-            and self.vram_gb >= job.min_vram_gb
-        )
+        return normalize_gpu_type(self.gpu_type) == normalize_gpu_type(
+            job.gpu_type
+        ) and self.has_room_for(job)
+
+    def has_room_for(self, job: PendingJob) -> bool:
+        """True if it has at least the GPUs and the VRAM per GPU the job asks for."""
+        return self.gpu_count >= job.gpu_count and self.vram_gb >= job.min_vram_gb
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +82,27 @@ def queue_order(jobs: Sequence[PendingJob]) -> list[PendingJob]:
 def plan(jobs: Sequence[PendingJob], miners: Sequence[MinerOffer]) -> Plan:
     """Assign what can run now and explain what cannot."""
     free = {miner.miner_id: miner.free for miner in miners}
+    # Normalised once: a round may weigh thousands of jobs against every miner.
+    by_type: dict[str, list[MinerOffer]] = {}
+    for miner in miners:
+        by_type.setdefault(normalize_gpu_type(miner.gpu_type), []).append(miner)
     result = Plan()
+    # Jobs with the same requirements wait for the same reason; phrase it once.
+    reasons: dict[tuple[object, ...], str] = {}
     for job in queue_order(jobs):
-        fitting = [miner for miner in miners if miner.fits(job)]
+        same_type = by_type.get(normalize_gpu_type(job.gpu_type), [])
+        fitting = [miner for miner in same_type if miner.has_room_for(job)]
         ready = [m for m in fitting if m.online and free[m.miner_id] > 0]
         if ready:
             chosen = min(ready, key=lambda m: (m.price_per_hour, -free[m.miner_id], m.miner_id))
             free[chosen.miner_id] -= 1
             result.assignments.append((job.job_id, chosen.miner_id))
-        else:
-            result.reasons[job.job_id] = _why_waiting(job, fitting)
+            continue
+        online = sum(m.online for m in fitting)
+        key = (job.gpu_type, job.gpu_count, job.min_vram_gb, len(fitting), online)
+        if key not in reasons:
+            reasons[key] = _why_waiting(job, fitting)
+        result.reasons[job.job_id] = reasons[key]
     return result
 
 

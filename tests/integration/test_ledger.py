@@ -142,3 +142,55 @@ def test_events_read_back_in_order_with_their_data(ledger: JobLedger) -> None:
     assert events[0].data["model"] == "gpt2"
     assert events[0].data["idempotency_key"] == "k"
     assert "originator_id" not in events[0].data
+
+
+def test_change_jobs_commits_many_commands_together_and_reports_each_outcome(
+    ledger: JobLedger,
+) -> None:
+    first, second, gone = (
+        ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id for _ in range(3)
+    )
+    ledger.cancel(gone, owner=None)
+    head = ledger.head()
+
+    results, position = ledger.change_jobs(
+        [
+            (first, lambda job: job.assign("miner_a")),
+            (second, lambda job: job.assign("miner_b")),
+            (gone, lambda job: job.assign("miner_a")),  # canceled: refused, records nothing
+            (first, lambda job: job.start(attempt=1, miner_id="miner_a")),  # same job, in order
+        ]
+    )
+
+    assert results[0] is None and results[1] is None and results[3] is None
+    assert isinstance(results[2], InvalidTransition)
+    assert position == ledger.head() == head + 3
+    assert [e.type for e in ledger.job_events(first, owner=None)][-2:] == [
+        "JobAssigned",
+        "JobStarted",
+    ]
+    assert ledger.job_row(gone, owner=None).status == "canceled"
+
+
+def test_change_jobs_runs_each_command_alone_when_another_writer_got_in_first(
+    ledger: JobLedger, database_url: str
+) -> None:
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    other = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    interrupted: list[bool] = []
+
+    def assign_after_a_racing_cancel(job: Job) -> None:
+        if not interrupted:  # another writer saves version 2 while we hold version 1
+            interrupted.append(True)
+            ledger.cancel(job_id, owner=None)
+        job.assign("miner_a")
+
+    results, _ = ledger.change_jobs(
+        [(job_id, assign_after_a_racing_cancel), (other, lambda job: job.assign("miner_b"))]
+    )
+
+    # The batch was refused as a whole, then each command ran on fresh state.
+    assert isinstance(results[0], InvalidTransition)  # the job was canceled meanwhile
+    assert results[1] is None
+    assert stored_events(database_url, job_id) == [(1, "Submitted"), (2, "Canceled")]
+    assert [v for v, _ in stored_events(database_url, other)] == [1, 2]
