@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from app import protocol
+from app.backoff import Backoff
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
 from app.store import DATABASE_DOWN, JobLedger
@@ -223,15 +224,14 @@ class Ingestor:
     async def run(self) -> None:
         """Consume forever, resubscribing after NATS losses."""
         js = await self._bus.jetstream()
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 await ensure_streams(js, self._namespace)
                 await self._consume(js)
             except NATS_DOWN as error:
                 log.warning("ingestor paused (%s: %s); retrying", type(error).__name__, error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next_delay())
 
     async def _consume(self, js: JetStreamContext) -> None:
         ns = self._namespace

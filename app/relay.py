@@ -29,6 +29,7 @@ from anyio import to_thread
 from nats.js import JetStreamContext
 
 from app import protocol
+from app.backoff import Backoff
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
 from app.store import DATABASE_DOWN, JobLedger, event_type_name
@@ -112,17 +113,17 @@ class Relay:
     async def run(self) -> None:
         """Relay forever: wait for leadership, then follow the log; survive lost services."""
         js = await self._bus.jetstream()
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 await ensure_streams(js, self._namespace)
                 await self._lead(js)
             except (*DATABASE_DOWN, *NATS_DOWN) as error:
-                log.warning("relay paused (%s: %s); retrying", type(error).__name__, error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:  # pragma: no cover - _lead only returns by raising
-                backoff = 0.1
+                delay = backoff.next_delay()
+                log.warning(
+                    "relay paused (%s: %s); retrying in %.1f s", type(error).__name__, error, delay
+                )
+                await asyncio.sleep(delay)
 
     async def _lead(self, js: JetStreamContext) -> None:
         channel = self._ledger.recorder.channel_name  # type: ignore[attr-defined]

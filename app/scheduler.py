@@ -27,6 +27,7 @@ from anyio import to_thread
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from app.backoff import Backoff
 from app.projector import ViewPosition
 from app.store import DATABASE_DOWN, JobLedger
 from domain.errors import DomainError
@@ -130,14 +131,14 @@ class Scheduler:
 
     async def run(self) -> None:
         """Act while holding the scheduler lock; retry after database losses."""
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 await self._lead()
             except DATABASE_DOWN as error:
-                log.warning("scheduler paused (%s); retrying in %.1f s", error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next_delay()
+                log.warning("scheduler paused (%s); retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
 
     async def _lead(self) -> None:
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as lock:

@@ -16,6 +16,7 @@ from nats.js.errors import NotFoundError as StreamMessageNotFound
 from psycopg_pool import AsyncConnectionPool
 
 from app import keys, ratelimit, scheduler
+from app.backoff import Backoff
 from app.bus import NATS_DOWN, Bus
 from app.config import Settings
 from app.heartbeats import HeartbeatListener
@@ -183,14 +184,14 @@ def _dispatch_workers(
 
 async def _supervise(name: str, work: Callable[[], Awaitable[None]]) -> None:
     """Run a worker forever: a crash is logged with its traceback and the worker restarts."""
-    backoff = 0.5
+    backoff = Backoff(first=0.5, most=30.0, calm=60.0)
     while True:
         try:
             await work()
         except Exception:
-            log.exception("%s worker crashed; restarting in %.1f s", name, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            delay = backoff.next_delay()
+            log.exception("%s worker crashed; restarting in %.1f s", name, delay)
+            await asyncio.sleep(delay)
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
