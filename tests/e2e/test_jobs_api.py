@@ -370,6 +370,13 @@ ROUTES: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/jobs/history"): {401, 422, 429},
     ("get", "/v1/jobs/{job_id}/events"): {401, 404, 429},
     ("post", "/v1/admin/keys"): {401, 422, 429},
+    ("post", "/v1/miners"): {401, 403, 422, 429},
+    ("get", "/v1/miners"): {401, 403, 429},
+    ("get", "/v1/miners/me"): {401, 403, 404, 429},
+    ("get", "/v1/miners/{miner_id}"): {401, 403, 404, 429},
+    ("put", "/v1/miners/{miner_id}"): {401, 403, 404, 409, 422, 429},
+    ("delete", "/v1/miners/{miner_id}"): {401, 403, 404, 409, 429},
+    ("get", "/v1/miners/{miner_id}/stats"): {401, 403, 404, 429},
     ("get", "/healthz"): set(),
 }
 
