@@ -153,9 +153,11 @@ class Scheduler:
             self._recorded_reasons = {}
             self._first_reasons = True
             while True:
+                seen = self._views.position
                 await self.run_round(watching_since)
                 await lock.execute("SELECT 1")  # the lock lives with this connection
-                await self._views.wait_for(self._views.position + 1, ROUND_SECONDS)
+                # Views that moved during the round start the next one at once.
+                await self._views.wait_for(seen + 1, ROUND_SECONDS)
 
     async def run_round(self, watching_since: datetime) -> None:
         """One round: held jobs first (they free capacity), then assignments and reasons."""
