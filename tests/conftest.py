@@ -5,16 +5,19 @@
 the end of the session, so the server may hold other people's data.
 """
 
+import asyncio
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import nats
 import psycopg
 import pytest
 from psycopg import sql
 
 from app.embedded import EmbeddedNats, EmbeddedPostgres, database_dsn
+from tests.nats_names import created_this_session
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +72,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("JOBLEDGER_NATS_URL", "").strip()
     if configured:
         yield configured
+        asyncio.run(_delete_session_streams(configured))
         return
     server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
     url = server.start()
@@ -76,3 +80,18 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         server.stop()
+
+
+async def _delete_session_streams(url: str) -> None:
+    """Leave a shared NATS server as we found it: drop the streams this session made."""
+    connection = await nats.connect(url)
+    try:
+        js = connection.jetstream()
+        names: list[str] = []
+        while page := await js.streams_info(offset=len(names)):
+            names += [info.config.name or "" for info in page]
+        for name in names:
+            if created_this_session(name):
+                await js.delete_stream(name)
+    finally:
+        await connection.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.nats_names import fresh_prefix
+
 STARTUP_SECONDS = 60
 
 
@@ -86,7 +88,7 @@ def start_server(
         "JOBLEDGER_RATE_LIMITS": "off",
         # Each served ledger gets its own subjects and streams on the shared NATS server;
         # servers sharing a database must share the prefix too (pass it in `env`).
-        "JOBLEDGER_NATS_PREFIX": "jltest" + secrets.token_hex(4),
+        "JOBLEDGER_NATS_PREFIX": fresh_prefix(),
     }
     if database_url:
         child_env["JOBLEDGER_DATABASE_URL"] = database_url

@@ -31,6 +31,7 @@ from tests.e2e.dispatch import (
     wait_for,
     wait_status,
 )
+from tests.nats_names import fresh_prefix
 
 FAST = {"JOBLEDGER_LEASE_SECONDS": "3", "JOBLEDGER_CANCEL_GRACE_SECONDS": "10"}
 
@@ -210,7 +211,7 @@ def test_two_hundred_jobs_of_mixed_priority_on_two_ledgers_all_complete_once(
     nats_url: str,
 ) -> None:
     database = make_database()
-    shared = FAST | {"JOBLEDGER_NATS_PREFIX": "jltest" + secrets.token_hex(4)}
+    shared = FAST | {"JOBLEDGER_NATS_PREFIX": fresh_prefix()}
     first = serve_factory(database_url=database, env=shared)
     second = serve_factory(database_url=database, env=shared)  # a second scheduler and relay
     key = first.new_key("client")
@@ -283,7 +284,7 @@ def test_a_relay_killed_mid_run_loses_no_message_and_duplicates_none(
     nats_url: str,
 ) -> None:
     database = make_database()
-    shared = FAST | {"JOBLEDGER_NATS_PREFIX": "jltest" + secrets.token_hex(4)}
+    shared = FAST | {"JOBLEDGER_NATS_PREFIX": fresh_prefix()}
     doomed = serve_factory(database_url=database, env=shared)
     key = doomed.new_key("client")
     client = doomed.client(key)

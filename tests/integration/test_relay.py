@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -27,6 +26,7 @@ from app.store import JobLedger, postgres_env
 from domain.miners import Capabilities
 from projections import tables
 from tests.integration.helpers import spec
+from tests.nats_names import fresh_prefix
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def ledger(database_url: str) -> Iterator[JobLedger]:
 @pytest.fixture
 def namespace() -> Namespace:
     """Subjects and streams of our own on the shared NATS server."""
-    return Namespace("jltest" + secrets.token_hex(4))
+    return Namespace(fresh_prefix())
 
 
 @pytest.fixture
