@@ -17,6 +17,7 @@ import eventsourcing.persistence
 import msgspec
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 from psycopg.conninfo import conninfo_to_dict
 
@@ -66,6 +67,7 @@ DATABASE_DOWN = (
     eventsourcing.persistence.InterfaceError,
 )
 T = TypeVar("T")
+A = TypeVar("A", bound=Aggregate)
 _COMMAND_ATTEMPTS = 10
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
 
@@ -200,15 +202,7 @@ class JobLedger(Application[UUID]):
 
     def change_miner(self, miner_id: str, command: Callable[[Miner], None]) -> int:
         """Run a command on a miner's latest version and save it; returns the log position."""
-        for _ in range(_COMMAND_ATTEMPTS):
-            miner = self.miner(miner_id)
-            command(miner)
-            try:
-                recordings = self.save(miner)
-            except IntegrityError:
-                continue
-            return recordings[-1].notification.id if recordings else 0
-        raise ConcurrentChange(f"miner {miner_id} is changing too fast; retry the request")
+        return self._save_retrying(lambda: self.miner(miner_id), command, f"miner {miner_id}")
 
     def change_jobs(
         self, commands: Sequence[tuple[str, Callable[[Job], T]]]
@@ -268,15 +262,19 @@ class JobLedger(Application[UUID]):
         fails, and the command runs again on the fresh state, where the domain
         decides anew (a second cancel of a job just canceled is then a 409).
         """
+        return self._save_retrying(lambda: self._job(job_id, owner=owner), command, f"job {job_id}")
+
+    def _save_retrying(self, load: Callable[[], A], command: Callable[[A], None], what: str) -> int:
+        """Load, command, save; on a version clash, again on the fresh state (a few times)."""
         for _ in range(_COMMAND_ATTEMPTS):
-            job = self._job(job_id, owner=owner)
-            command(job)
+            aggregate = load()
+            command(aggregate)
             try:
-                recordings = self.save(job)
+                recordings = self.save(aggregate)
             except IntegrityError:
                 continue
             return recordings[-1].notification.id if recordings else 0
-        raise ConcurrentChange(f"job {job_id} is changing too fast; retry the request")
+        raise ConcurrentChange(f"{what} is changing too fast; retry the request")
 
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""
