@@ -18,6 +18,7 @@ from psycopg import sql
 
 from app.embedded import EmbeddedNats, EmbeddedPostgres, database_dsn
 from tests.nats_names import created_this_session
+from tests.s3server import s3_server  # noqa: F401  (a real S3-compatible server on loopback)
 
 
 @pytest.fixture(scope="session")
