@@ -25,6 +25,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_per_minute: int = 60
     rate_limit_per_hour: int = 1000
     max_json_body_bytes: int = 1024 * 1024
+    # The largest input file or result the ledger accepts (POST /v1/files, result uploads).
+    max_upload_bytes: int = 5 * 1024**3
     s3_endpoint_url: str | None = None
     s3_allowed_buckets: frozenset[str] = frozenset()
     # How long a write waits for the views to include it before answering.
@@ -37,6 +39,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 3
     # How long a canceling job waits for its miner's confirmation before it is canceled anyway.
     cancel_grace_seconds: float = 30.0
+
+    @property
+    def blob_root(self) -> Path:
+        """The local blob store: uploaded files and results for `destination: "local"`."""
+        return self.home / "blobs"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -92,6 +99,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             rate_limit_per_minute=integer("JOBLEDGER_RATE_LIMIT_PER_MINUTE", 60, minimum=1),
             rate_limit_per_hour=integer("JOBLEDGER_RATE_LIMIT_PER_HOUR", 1000, minimum=1),
             max_json_body_bytes=integer("JOBLEDGER_MAX_JSON_BODY_BYTES", 1024 * 1024, minimum=1),
+            max_upload_bytes=integer("JOBLEDGER_MAX_UPLOAD_BYTES", 5 * 1024**3, minimum=1),
             s3_endpoint_url=text("JOBLEDGER_S3_ENDPOINT_URL"),
             s3_allowed_buckets=frozenset(b.strip() for b in buckets.split(",") if b.strip()),
             view_wait_seconds=number("JOBLEDGER_VIEW_WAIT_SECONDS", 5.0),

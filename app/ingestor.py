@@ -19,7 +19,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -32,7 +32,9 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from app import protocol
 from app.backoff import Backoff
+from app.blobs import BlobInfo, Blobs, BlobUnavailable, InvalidLocation, Location
 from app.bus import NATS_DOWN, Bus, ensure_streams
+from app.formats import FormatMismatch, check_bytes
 from app.protocol import Namespace
 from app.store import DATABASE_DOWN, JobLedger
 from domain.errors import ConcurrentChange, DomainError, InvalidTransition, NotFound
@@ -86,8 +88,61 @@ def _past_deadline(job: Job) -> bool:
     return datetime.now(UTC) >= deadline - CLOCK_SKEW
 
 
-def check_result(result: protocol.InlineResult) -> str | None:
-    """Why an inline result is unusable, or None when its size and digest are right."""
+# What the ledger found at the location of each stored result a batch names (None: nothing).
+BlobFacts = Mapping[str, BlobInfo | None]
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    """Why a completion is refused: the job fails with this code and message."""
+
+    code: str
+    message: str
+
+
+def check_result(
+    job: Job, result: protocol.InlineResult | protocol.StoredResult, blobs: BlobFacts
+) -> Refusal | None:
+    """Why a completion's result is unusable, or None when it is what the ledger holds."""
+    if isinstance(result, protocol.StoredResult):
+        return _check_stored(job, result, blobs)
+    if job.output_destination != "local":
+        return Refusal(
+            "invalid_result",
+            f"results for {job.output_destination} must be stored through the result "
+            "upload, not sent inline",
+        )
+    problem = _check_inline(result, job.output_format)
+    return Refusal("invalid_result", problem) if problem else None
+
+
+def _check_stored(job: Job, result: protocol.StoredResult, blobs: BlobFacts) -> Refusal | None:
+    stored = job.stored_result
+    if stored is None or stored.attempt != job.attempt or stored.location != result.location:
+        return Refusal(
+            "result_missing",
+            f"the completion names {result.location}, but the ledger received no result "
+            f"there for attempt {job.attempt}",
+        )
+    if (result.sha256, result.size_bytes) != (stored.sha256, stored.size_bytes):
+        return Refusal(
+            "result_checksum_mismatch",
+            f"the completion says {result.size_bytes} bytes with sha256 {result.sha256}; "
+            f"the ledger stored {stored.size_bytes} bytes with sha256 {stored.sha256}",
+        )
+    info = blobs.get(result.location)
+    if info is None:
+        return Refusal("result_missing", f"the stored result at {result.location} is gone")
+    if info.size_bytes != stored.size_bytes or info.sha256 not in (None, stored.sha256):
+        return Refusal(
+            "result_checksum_mismatch",
+            f"the object at {result.location} changed after it was stored "
+            f"({info.size_bytes} bytes now, {stored.size_bytes} then)",
+        )
+    return None
+
+
+def _check_inline(result: protocol.InlineResult, output_format: str) -> str | None:
+    """Why an inline result is unusable, or None when its size, digest and format are right."""
     if result.size_bytes > protocol.MAX_INLINE_RESULT_BYTES:
         return (
             f"inline results may be at most {protocol.MAX_INLINE_RESULT_BYTES} bytes, "
@@ -105,26 +160,38 @@ def check_result(result: protocol.InlineResult) -> str | None:
         return f"result is {len(data)} bytes, the report says {result.size_bytes}"
     if hashlib.sha256(data).hexdigest() != result.sha256:
         return "result sha256 does not match its data"
+    try:
+        check_bytes(data, output_format)
+    except FormatMismatch as error:
+        return str(error)
     return None
 
 
 def report_command(
-    ledger: JobLedger, report: protocol.Report, *, max_attempts: int
+    ledger: JobLedger, report: protocol.Report, *, max_attempts: int, blobs: BlobFacts
 ) -> Callable[[Job], Outcome]:
     """The command that turns one report into at most one event on its job."""
 
     def command(job: Job) -> Outcome:
-        return _decide(ledger, job, report, max_attempts)
+        return _decide(ledger, job, report, max_attempts, blobs)
 
     return command
 
 
 def apply_reports(
-    ledger: JobLedger, reports: Sequence[tuple[str, protocol.Report]], *, max_attempts: int
+    ledger: JobLedger,
+    reports: Sequence[tuple[str, protocol.Report]],
+    *,
+    max_attempts: int,
+    blobs: BlobFacts | None = None,
 ) -> list[Outcome | DomainError]:
-    """Apply reports in order, committing all their events together (one transaction)."""
+    """Apply reports in order, committing all their events together (one transaction).
+
+    `blobs` holds what is at each stored result's location, looked up beforehand.
+    """
+    facts = blobs or {}
     commands = [
-        (job_id, report_command(ledger, report, max_attempts=max_attempts))
+        (job_id, report_command(ledger, report, max_attempts=max_attempts, blobs=facts))
         for job_id, report in reports
     ]
     results, _ = ledger.change_jobs(commands)
@@ -132,16 +199,49 @@ def apply_reports(
 
 
 def apply_report(
-    ledger: JobLedger, job_id: str, report: protocol.Report, *, max_attempts: int
+    ledger: JobLedger,
+    job_id: str,
+    report: protocol.Report,
+    *,
+    max_attempts: int,
+    blobs: BlobFacts | None = None,
 ) -> Outcome:
     """Apply one report; the domain error it meets, if any, is raised."""
-    [result] = apply_reports(ledger, [(job_id, report)], max_attempts=max_attempts)
+    [result] = apply_reports(ledger, [(job_id, report)], max_attempts=max_attempts, blobs=blobs)
     if isinstance(result, DomainError):
         raise result
     return result
 
 
-def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> Outcome:
+def stored_locations(reports: Sequence[protocol.Report]) -> list[str]:
+    """The locations of the stored results some completions name."""
+    return [
+        report.result.location
+        for report in reports
+        if isinstance(report, protocol.Completed)
+        and isinstance(report.result, protocol.StoredResult)
+    ]
+
+
+async def look_up(blobs: Blobs, locations: Sequence[str], allowed: frozenset[str]) -> BlobFacts:
+    """What is at each location now; one the ledger would never build counts as nothing.
+
+    BlobUnavailable propagates: the reports are retried once the store is back.
+    """
+    facts: dict[str, BlobInfo | None] = {}
+    for text in set(locations):
+        try:
+            location = Location.parse(text, allowed)
+        except InvalidLocation:
+            facts[text] = None
+            continue
+        facts[text] = await blobs.stat(location)
+    return facts
+
+
+def _decide(
+    ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int, blobs: BlobFacts
+) -> Outcome:
     if not job.holds(report.miner_id, report.attempt):
         if report.miner_id == job.miner_id and report.attempt == job.attempt:
             return Outcome.IGNORED  # the holder, late: the attempt already ended
@@ -156,13 +256,15 @@ def _decide(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: 
         return Outcome.REJECTED
     recorded = len(job.pending_events)  # earlier reports of a batch may have recorded some
     try:
-        _apply(ledger, job, report, max_attempts)
+        _apply(ledger, job, report, max_attempts, blobs)
     except InvalidTransition:
         return Outcome.IGNORED  # e.g. a repeated "started", or progress while canceling
     return Outcome.APPLIED if len(job.pending_events) > recorded else Outcome.IGNORED
 
 
-def _apply(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int) -> None:
+def _apply(
+    ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int, blobs: BlobFacts
+) -> None:
     attempt = report.attempt
     match report:
         case protocol.Started():
@@ -171,13 +273,14 @@ def _apply(ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: i
             if job.status is JobStatus.RUNNING and progress > job.progress:
                 job.report_progress(attempt=attempt, progress=progress)
         case protocol.Completed(result=result, metrics=metrics):
-            if (problem := check_result(result)) is not None:
-                job.fail(attempt=attempt, error=problem, error_code="invalid_result")
+            if (refusal := check_result(job, result, blobs)) is not None:
+                job.fail(attempt=attempt, error=refusal.message, error_code=refusal.code)
                 return
             seconds = billed_seconds(job, metrics, datetime.now(UTC))
             job.complete(
                 attempt=attempt,
-                result=protocol.to_builtins(result),
+                # The format is recorded with the result: the bytes' meaning, for auditors.
+                result=protocol.to_builtins(result) | {"format": job.output_format},
                 metrics=protocol.to_builtins(metrics),
                 gpu_seconds=seconds * job.gpu_count,
                 cost=price(
@@ -214,11 +317,12 @@ class Ingestor:
     """Consumes reports and applies them, acking each after its effect is durable."""
 
     def __init__(
-        self, ledger: JobLedger, bus: Bus, namespace: Namespace, *, max_attempts: int
+        self, ledger: JobLedger, bus: Bus, namespace: Namespace, blobs: Blobs, *, max_attempts: int
     ) -> None:
         self._ledger = ledger
         self._bus = bus
         self._namespace = namespace
+        self._blobs = blobs
         self._max_attempts = max_attempts
 
     async def run(self) -> None:
@@ -267,8 +371,16 @@ class Ingestor:
             return
         reports = [(job_id, report) for _, job_id, report in decoded]
         try:
+            # Stored results are looked up first, outside the transaction (it is async I/O).
+            blobs = await look_up(
+                self._blobs,
+                stored_locations([report for _, report in reports]),
+                self._blobs.allowed_buckets,
+            )
             results = await to_thread.run_sync(
-                lambda: apply_reports(self._ledger, reports, max_attempts=self._max_attempts)
+                lambda: apply_reports(
+                    self._ledger, reports, max_attempts=self._max_attempts, blobs=blobs
+                )
             )
         except Exception as error:  # the batch as a whole (the database is down, say)
             for message, job_id, _ in decoded:
@@ -302,7 +414,7 @@ class Ingestor:
             case ConcurrentChange():
                 log.info("%s; redelivery shortly", error.message)
                 await message.nak(delay=min(0.1 * 2**deliveries, 5.0))
-            case _ if isinstance(error, DATABASE_DOWN):
+            case _ if isinstance(error, (*DATABASE_DOWN, BlobUnavailable)):
                 delay = min(0.5 * 2**deliveries, 30.0)
                 log.warning("cannot record report (%s); redelivery in %.0f s", error, delay)
                 await message.nak(delay=delay)

@@ -33,7 +33,11 @@ MSG_ID_HEADER: Final = "Nats-Msg-Id"
 EVENT_TYPE_HEADER: Final = "Jobledger-Event-Type"
 POSITION_HEADER: Final = "Jobledger-Position"
 # Inline results travel inside the completion report; NATS payloads default to at most 1 MiB.
+# Only results for `destination: "local"` may travel inline; the rest are stored first.
 MAX_INLINE_RESULT_BYTES: Final = 256 * 1024
+# The HTTP routes through which a miner fetches a held attempt's input and stores its result.
+INPUT_PATH: Final = "/v1/jobs/{job_id}/attempts/{attempt}/input"
+RESULT_PATH: Final = "/v1/jobs/{job_id}/attempts/{attempt}/result"
 # The largest message any stream accepts (NATS's default max_payload).
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 # Seconds the streams remember message ids; a republish within it is dropped by NATS.
@@ -214,9 +218,13 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     attempt: int
     model: str
-    # The input text, or None when the job's input is an uploaded file (input_file_id).
+    # The input text, or None when the job's input is an uploaded file (input_file_id),
+    # which the miner fetches over HTTP from INPUT_PATH (docs/protocol.md, "Inputs").
     input: str | None
     input_file_id: str | None = None
+    # The uploaded file's size and hex SHA-256, for checking the fetched bytes.
+    input_size_bytes: int | None = None
+    input_sha256: str | None = None
     output_config: OutputConfig
     requirements: Requirements
     priority: str
@@ -282,8 +290,7 @@ class InlineResult(
 ):
     """A result small enough to travel inside the completion report (`"storage": "inline"`).
 
-    `storage` tells result kinds apart: results too large to travel inline will be
-    uploaded and referenced by a second kind, so a report carries one or the other.
+    Allowed only for jobs whose destination is "local"; anything else is a StoredResult.
     """
 
     # The bytes: as text when encoding is utf-8, else base64.
@@ -292,6 +299,34 @@ class InlineResult(
     content_type: str = "application/octet-stream"
     size_bytes: Annotated[int, msgspec.Meta(ge=0)]
     # Hex SHA-256 of the bytes (after decoding base64); the ledger checks it.
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class UploadAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """What RESULT_PATH answers (201) once the bytes are durable: a StoredResult's fields."""
+
+    location: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+
+
+class StoredResult(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="storage",
+    tag="stored",
+):
+    """A result the miner stored through RESULT_PATH before reporting (`"storage": "stored"`).
+
+    The fields repeat what the upload answered; the ledger checks them against what it
+    recorded when it received the bytes (JobResultStored) and that the object is there.
+    """
+
+    location: Annotated[str, msgspec.Meta(max_length=2048)]
+    size_bytes: Annotated[int, msgspec.Meta(ge=0)]
     sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
@@ -333,7 +368,7 @@ class Progress(_Report, frozen=True, tag="progress"):
 class Completed(_Report, frozen=True, tag="completed"):
     """The attempt finished with a result."""
 
-    result: InlineResult
+    result: InlineResult | StoredResult
     metrics: Metrics
 
 

@@ -85,6 +85,8 @@ def assignment_of(job: Job, event: Job.Assigned) -> protocol.Assignment:
         model=job.model,
         input=job.input_text,
         input_file_id=job.input_file_id,
+        input_size_bytes=job.input_size_bytes,
+        input_sha256=job.input_sha256,
         output_config=protocol.OutputConfig(
             destination=job.output_destination, format=job.output_format
         ),

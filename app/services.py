@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from app import keys, ratelimit, scheduler
 from app.backoff import Backoff
+from app.blobs import Blobs
 from app.bus import NATS_DOWN, Bus
 from app.config import Settings
 from app.heartbeats import HeartbeatListener
@@ -51,6 +52,7 @@ class Services:
     views: ViewPosition
     bus: Bus
     namespace: Namespace
+    blobs: Blobs
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking ledger call in a worker thread, keeping the event loop free."""
@@ -105,12 +107,20 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.callback(worker.join, 10)
         stack.callback(stop.set)
 
+        blobs = await stack.enter_async_context(
+            Blobs.open(
+                settings.blob_root,
+                s3_endpoint_url=settings.s3_endpoint_url,
+                allowed_buckets=settings.s3_allowed_buckets,
+            )
+        )
+
         bus = Bus([url.strip() for url in settings.nats_url.split(",")], name="jobledger-api")
         await bus.start()
         stack.push_async_callback(bus.close)
         namespace = Namespace(settings.nats_prefix)
         await scheduler.create_schema(pool)
-        workers = _dispatch_workers(settings, ledger, pool, dsn, views, bus, namespace)
+        workers = _dispatch_workers(settings, ledger, pool, dsn, views, bus, namespace, blobs)
         tasks = [asyncio.create_task(_supervise(name, work), name=name) for name, work in workers]
         stack.push_async_callback(_cancel_all, tasks)
 
@@ -134,6 +144,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             views=views,
             bus=bus,
             namespace=namespace,
+            blobs=blobs,
         )
 
 
@@ -145,6 +156,7 @@ def _dispatch_workers(
     views: ViewPosition,
     bus: Bus,
     namespace: Namespace,
+    blobs: Blobs,
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """The background workers that move jobs between the ledger and the miners."""
 
@@ -161,7 +173,7 @@ def _dispatch_workers(
         return True
 
     relay = Relay(ledger, dsn, bus, namespace)
-    ingestor = Ingestor(ledger, bus, namespace, max_attempts=settings.max_attempts)
+    ingestor = Ingestor(ledger, bus, namespace, blobs, max_attempts=settings.max_attempts)
     listener = HeartbeatListener(bus, pool, namespace)
     planner = Scheduler(
         ledger,

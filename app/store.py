@@ -24,12 +24,14 @@ from psycopg.conninfo import conninfo_to_dict
 from domain.errors import (
     ConcurrentChange,
     DomainError,
+    FileNotFound,
     IdempotencyConflict,
     InvalidJobRequest,
     JobNotFound,
     MinerNotFound,
 )
-from domain.jobs import Job, JobSpec, aggregate_id_of, idempotent_aggregate_id
+from domain.files import File, file_aggregate_id, file_aggregate_id_of
+from domain.jobs import InputFile, Job, JobSpec, aggregate_id_of, idempotent_aggregate_id
 from domain.miners import Capabilities, Miner, miner_aggregate_id_of
 from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
 from projections.jobs import JobRow, fold
@@ -43,6 +45,36 @@ class Submitted(msgspec.Struct, frozen=True):
     estimated_time_seconds: int
     created: bool
     position: int
+
+
+class FileFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """An uploaded file as its owner and the API see it."""
+
+    file_id: str
+    owner: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+    filename: str | None
+    location: str
+    created_at: datetime
+    used_by: str | None
+
+
+class Uploaded(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of an upload; `created` is False when the owner already had these bytes."""
+
+    file: FileFacts
+    created: bool
+
+
+class AttemptInput(msgspec.Struct, frozen=True, kw_only=True):
+    """The input of an attempt, for the miner holding it: inline text or a stored file."""
+
+    text: str | None
+    location: str | None
+    size_bytes: int
+    sha256: str | None
 
 
 class EventRecord(msgspec.Struct, frozen=True):
@@ -128,18 +160,32 @@ class JobLedger(Application[UUID]):
         aggregate_id = (
             idempotent_aggregate_id(owner, idempotency_key) if idempotency_key else uuid4()
         )
-        job = Job.submit(
-            aggregate_id=aggregate_id,
-            owner=owner,
-            spec=spec,
-            estimate=guess,
-            idempotency_key=idempotency_key,
-        )
-        try:
-            recordings = self.save(job)
-        except IntegrityError:
-            # Version 1 of this id exists: the key was used before (or concurrently).
-            return self._replay_submission(aggregate_id, job.request_fingerprint)
+        for _ in range(_COMMAND_ATTEMPTS):
+            input_file = self._input_file(spec.input_file_id, owner)
+            job = Job.submit(
+                aggregate_id=aggregate_id,
+                owner=owner,
+                spec=spec,
+                estimate=guess,
+                idempotency_key=idempotency_key,
+                input_file=(
+                    InputFile(size_bytes=input_file.size_bytes, sha256=input_file.sha256)
+                    if input_file
+                    else None
+                ),
+            )
+            if input_file is not None:
+                input_file.use(job.job_id)  # saved with the job: a delete cannot slip between
+            try:
+                recordings = self.save(job, *([input_file] if input_file else []))
+                break
+            except IntegrityError:
+                if self._exists(aggregate_id):
+                    # Version 1 of this id exists: the key was used before (or concurrently).
+                    return self._replay_submission(aggregate_id, job.request_fingerprint)
+                # The file changed meanwhile (deleted, or first used by another job): again.
+        else:
+            raise ConcurrentChange("the input file is changing too fast; retry the request")
         return Submitted(
             job_id=job.job_id,
             estimated_cost=guess.cost,
@@ -147,6 +193,24 @@ class JobLedger(Application[UUID]):
             created=True,
             position=recordings[-1].notification.id,
         )
+
+    def _input_file(self, file_id: str | None, owner: str) -> File | None:
+        """The live file a submission names, owned by the submitter; anything else is a 422."""
+        if file_id is None:
+            return None
+        try:
+            file = self._file(file_id, owner=owner)
+            file.require_present()
+        except FileNotFound as error:
+            raise InvalidJobRequest(
+                f"input names file {file_id!r}, which does not exist for you: "
+                "upload it with POST /v1/files first",
+                details={"field": "input", "file_id": file_id, "reason": error.message},
+            ) from None
+        return file
+
+    def _exists(self, aggregate_id: UUID) -> bool:
+        return bool(self.recorder.select_events(aggregate_id, limit=1))
 
     def _replay_submission(self, aggregate_id: UUID, fingerprint: str) -> Submitted:
         original: Job = self.repository.get(aggregate_id)
@@ -276,6 +340,129 @@ class JobLedger(Application[UUID]):
             return recordings[-1].notification.id if recordings else 0
         raise ConcurrentChange(f"{what} is changing too fast; retry the request")
 
+    # ---- files -------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        *,
+        owner: str,
+        sha256: str,
+        size_bytes: int,
+        content_type: str,
+        filename: str | None,
+        location: str,
+    ) -> Uploaded:
+        """Record bytes already stored at `location` as the owner's file.
+
+        If the owner already has these bytes, the existing file is the answer
+        (`created` False) and the caller removes the copy it just stored.
+        """
+        for _ in range(_COMMAND_ATTEMPTS):
+            file = File.upload(
+                owner=owner,
+                sha256=sha256,
+                size_bytes=size_bytes,
+                content_type=content_type,
+                filename=filename,
+                location=location,
+            )
+            try:
+                self.save(file)
+                return Uploaded(file=_file_facts(file), created=True)
+            except IntegrityError:
+                pass
+            existing: File = self.repository.get(file_aggregate_id(owner, sha256))
+            if not existing.deleted:
+                return Uploaded(file=_file_facts(existing), created=False)
+            existing.restore(location=location, content_type=content_type, filename=filename)
+            try:
+                self.save(existing)
+            except IntegrityError:
+                continue
+            return Uploaded(file=_file_facts(existing), created=True)
+        raise ConcurrentChange("the file is changing too fast; retry the upload")
+
+    def file(self, file_id: str, *, owner: str | None) -> FileFacts:
+        """A live file; someone else's, or a deleted one, is not found."""
+        file = self._file(file_id, owner=owner)
+        file.require_present()
+        return _file_facts(file)
+
+    def delete_file(self, file_id: str, *, owner: str | None) -> str:
+        """Delete a file no job used; returns the location whose bytes the caller removes."""
+        location: list[str] = []
+
+        def delete(file: File) -> None:
+            file.delete()
+            location.append(file.location)
+
+        self._save_retrying(lambda: self._file(file_id, owner=owner), delete, f"file {file_id}")
+        return location[-1]
+
+    def _file(self, file_id: str, *, owner: str | None) -> File:
+        try:
+            file: File = self.repository.get(file_aggregate_id_of(file_id))
+        except AggregateNotFoundError:
+            raise FileNotFound(
+                f"file {file_id!r} not found", details={"file_id": file_id}
+            ) from None
+        if owner is not None and file.owner != owner:
+            raise FileNotFound(f"file {file_id!r} not found", details={"file_id": file_id})
+        return file
+
+    # ---- what miners fetch and store ---------------------------------------------
+
+    def attempt_input(self, job_id: str, *, miner_id: str, attempt: int) -> AttemptInput:
+        """The input of an attempt, for the miner that holds it (anyone else: not found)."""
+        job = self._held(job_id, miner_id=miner_id, attempt=attempt)
+        if job.input_file_id is None:
+            text = job.input_text or ""
+            return AttemptInput(
+                text=text, location=None, size_bytes=len(text.encode()), sha256=None
+            )
+        file: File = self.repository.get(file_aggregate_id_of(job.input_file_id))
+        return AttemptInput(
+            text=None, location=file.location, size_bytes=file.size_bytes, sha256=file.sha256
+        )
+
+    def output_of(self, job_id: str, *, miner_id: str, attempt: int) -> tuple[str, str]:
+        """The (destination, format) of a held attempt's result, for its upload."""
+        job = self._held(job_id, miner_id=miner_id, attempt=attempt)
+        return job.output_destination, job.output_format
+
+    def store_result(
+        self,
+        job_id: str,
+        *,
+        miner_id: str,
+        attempt: int,
+        location: str,
+        size_bytes: int,
+        sha256: str,
+        content_type: str,
+    ) -> int:
+        """Record the result bytes a holder stored (JobResultStored); returns the log position."""
+
+        def record(job: Job) -> None:
+            if not job.holds(miner_id, attempt):
+                raise _not_held(job_id, miner_id, attempt)
+            job.store_result(
+                miner_id=miner_id,
+                attempt=attempt,
+                location=location,
+                size_bytes=size_bytes,
+                sha256=sha256,
+                content_type=content_type,
+            )
+
+        return self._command(job_id, None, record)
+
+    def _held(self, job_id: str, *, miner_id: str, attempt: int) -> Job:
+        job = self._job(job_id, owner=None)
+        if not job.holds(miner_id, attempt):
+            raise _not_held(job_id, miner_id, attempt)
+        return job
+
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""
         return _fold(self._owned_events(job_id, owner=owner))
@@ -324,6 +511,28 @@ class JobLedger(Application[UUID]):
         if not events or (owner is not None and events[0].owner != owner):
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
         return events
+
+
+def _not_held(job_id: str, miner_id: str, attempt: int) -> JobNotFound:
+    """What a miner asking about an attempt it does not hold is told: there is none for it."""
+    return JobNotFound(
+        f"job {job_id} has no attempt {attempt} held by miner {miner_id}",
+        details={"job_id": job_id, "attempt": attempt},
+    )
+
+
+def _file_facts(file: File) -> FileFacts:
+    return FileFacts(
+        file_id=file.file_id,
+        owner=file.owner,
+        size_bytes=file.size_bytes,
+        sha256=file.sha256,
+        content_type=file.content_type,
+        filename=file.filename,
+        location=file.location,
+        created_at=file.created_on,
+        used_by=file.used_by,
+    )
 
 
 def _fold(events: Sequence[Any]) -> JobRow:

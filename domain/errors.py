@@ -54,3 +54,11 @@ class StaleAttempt(Conflict):
 
 class IdempotencyConflict(Conflict):
     """An Idempotency-Key was reused with a different request body."""
+
+
+class FileNotFound(NotFound):
+    """No uploaded file with that id exists for the caller."""
+
+
+class FileInUse(Conflict):
+    """The file is the input of a job, so it is kept."""

@@ -124,6 +124,22 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
         return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()
 
 
+class InputFile(msgspec.Struct, frozen=True, kw_only=True):
+    """The facts of an uploaded input a job records, so its record names the exact bytes."""
+
+    size_bytes: int
+    sha256: str
+
+
+class StoredResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Result bytes the ledger received for one attempt: where, how many, which digest."""
+
+    attempt: int
+    location: str
+    size_bytes: int
+    sha256: str
+
+
 class Job(Aggregate):
     """A GPU job, from submission to its one terminal event."""
 
@@ -143,6 +159,10 @@ class Job(Aggregate):
         estimated_time_seconds: int
         idempotency_key: str | None
         request_fingerprint: str
+        # The uploaded input's size and digest, copied from its File at submission
+        # (added after the first release: text inputs and old events read None).
+        input_size_bytes: int | None = None
+        input_sha256: str | None = None
 
     class Event(Aggregate.Event):
         # The status a job is in after this event; None if the event leaves it unchanged.
@@ -242,6 +262,25 @@ class Job(Aggregate):
             job.progress = 0
             job.started_at = None
             job.assigned_at = None
+            job.stored_result = None
+
+    class ResultStored(Event):
+        """The ledger received and stored the result bytes of the attempt (not yet reported)."""
+
+        miner_id: str
+        attempt: int
+        location: str
+        size_bytes: int
+        sha256: str
+        content_type: str
+
+        def record_on(self, job: Job) -> None:
+            job.stored_result = StoredResult(
+                attempt=self.attempt,
+                location=self.location,
+                size_bytes=self.size_bytes,
+                sha256=self.sha256,
+            )
 
     class ReportRejected(Event):
         """A miner reported on an attempt it does not hold; recorded, never applied."""
@@ -272,6 +311,8 @@ class Job(Aggregate):
         estimated_time_seconds: int,
         idempotency_key: str | None,
         request_fingerprint: str,
+        input_size_bytes: int | None = None,
+        input_sha256: str | None = None,
     ) -> None:
         self.owner = owner
         self.model = model
@@ -288,6 +329,8 @@ class Job(Aggregate):
         self.estimated_time_seconds = estimated_time_seconds
         self.idempotency_key = idempotency_key
         self.request_fingerprint = request_fingerprint
+        self.input_size_bytes = input_size_bytes
+        self.input_sha256 = input_sha256
         self.status = JobStatus.PENDING
         self.attempt = 1
         self.miner_id: str | None = None
@@ -300,6 +343,8 @@ class Job(Aggregate):
         self.error: str | None = None
         self.error_code: str | None = None
         self.rejected_reports: set[str] = set()
+        # What the ledger stored for the current attempt, before the completion names it.
+        self.stored_result: StoredResult | None = None
 
     @classmethod
     def submit(
@@ -310,8 +355,11 @@ class Job(Aggregate):
         spec: JobSpec,
         estimate: Estimate,
         idempotency_key: str | None,
+        input_file: InputFile | None = None,
     ) -> Job:
         """A new pending job, priced before it exists so the estimate is part of its record."""
+        if (spec.input_file_id is None) != (input_file is None):
+            raise ValueError("a job takes an uploaded file's facts exactly when it names one")
         return cls._create(
             cls.Submitted,
             id=aggregate_id,
@@ -330,6 +378,8 @@ class Job(Aggregate):
             estimated_time_seconds=estimate.seconds,
             idempotency_key=idempotency_key,
             request_fingerprint=spec.fingerprint(),
+            input_size_bytes=input_file.size_bytes if input_file else None,
+            input_sha256=input_file.sha256 if input_file else None,
         )
 
     @property
@@ -439,6 +489,32 @@ class Job(Aggregate):
             )
         else:
             self.requeue(cause)
+
+    def store_result(
+        self,
+        *,
+        miner_id: str,
+        attempt: int,
+        location: str,
+        size_bytes: int,
+        sha256: str,
+        content_type: str,
+    ) -> None:
+        """Record result bytes the holder of the attempt stored; a later upload replaces them."""
+        if not self.holds(miner_id, attempt):
+            raise StaleAttempt(
+                f"job {self.job_id} has no attempt {attempt} held by {miner_id}",
+                details={"job_id": self.job_id, "attempt": attempt},
+            )
+        self.trigger_event(
+            self.ResultStored,
+            miner_id=miner_id,
+            attempt=attempt,
+            location=location,
+            size_bytes=size_bytes,
+            sha256=sha256,
+            content_type=content_type,
+        )
 
     def holds(self, miner_id: str, attempt: int) -> bool:
         """True if `miner_id` holds the job's current attempt: the fencing check for reports."""

@@ -10,8 +10,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.admin import AdminController
+from app.api.attempts import AttemptController
 from app.api.auth import ApiKeyMiddleware
 from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
+from app.api.files import FileController
 from app.api.health import healthz
 from app.api.jobs import JobController
 from app.api.miners import MinerController
@@ -29,7 +31,14 @@ def create_app(settings: Settings) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[JobController, MinerController, AdminController, healthz],
+        route_handlers=[
+            JobController,
+            AttemptController,
+            FileController,
+            MinerController,
+            AdminController,
+            healthz,
+        ],
         lifespan=[lifespan],
         middleware=[ApiKeyMiddleware()],
         exception_handlers=EXCEPTION_HANDLERS,

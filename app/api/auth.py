@@ -74,7 +74,9 @@ class ApiKeyMiddleware(ASGIMiddleware):
         if principal is None:
             raise NotAuthorizedException("invalid or revoked API key")
         scope["user"] = principal
-        if services.limiter is None:
+        # Miner keys are not counted: an agent's calls follow the jobs it is given
+        # (an input fetch and a result upload per attempt), and only for attempts it holds.
+        if services.limiter is None or principal.role is Role.MINER:
             await next_app(scope, receive, send)
             return
         decision = await services.limiter.hit(principal.key_id)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
 from litestar.openapi.spec import Example
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
@@ -19,6 +21,7 @@ from app.api import openapi
 from app.api.auth import allow, owner_filter
 from app.api.errors import LedgerResponse, strict_validation_error
 from app.api.schemas import (
+    FileInput,
     HistoryResponse,
     HistoryTotals,
     JobEvent,
@@ -28,9 +31,13 @@ from app.api.schemas import (
     SubmitJobRequest,
     SubmitJobResponse,
 )
+from app.api.transfer import stream_response
+from app.blobs import InvalidLocation, Location, check_destination
+from app.formats import EXTENSIONS, MEDIA_TYPES
 from app.keys import Principal, Role
 from app.services import Services
 from domain.errors import Conflict, InvalidJobRequest, JobNotFound
+from domain.files import is_file_id
 from domain.gpus import normalize_gpu_type
 from domain.jobs import JobSpec, JobStatus, aggregate_id_of
 from projections.jobs import JobRow
@@ -68,6 +75,30 @@ def status_view(row: JobRow, pending_reason: str | None = None) -> JobStatusResp
         error_code=row.error_code,
         pending_reason=pending_reason if row.status == JobStatus.PENDING else None,
     )
+
+
+class ResultGone(HTTPException):
+    """The job completed, but its stored result bytes were removed since (410)."""
+
+    status_code = 410
+
+    def __init__(self, job_id: str, location: str) -> None:
+        super().__init__(
+            f"the result of job {job_id} was stored at {location}, which no longer holds it",
+            extra={"job_id": job_id, "location": location},
+        )
+
+
+def downloadable(result: dict[str, Any], allowed_buckets: frozenset[str]) -> Location | bytes:
+    """Where a completed job's result bytes are: a stored location, or the inline bytes."""
+    if result.get("storage") == "stored":
+        return Location.parse(str(result["location"]), allowed_buckets)
+    data = str(result["data"])
+    return base64.b64decode(data) if result.get("encoding") == "base64" else data.encode()
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def encode_cursor(seq: int) -> str:
@@ -110,22 +141,22 @@ def parse_bound(value: str, field: str, *, end: bool) -> datetime:
 def to_spec(data: SubmitJobRequest, services: Services) -> JobSpec:
     """Check what the schema cannot (destination, GPU type) and build the domain's spec."""
     destination = data.output_config.destination
-    if destination != "local":
-        bucket = destination.removeprefix("s3://").split("/", 1)[0]
-        if not destination.startswith("s3://") or not bucket:
-            raise InvalidJobRequest(
-                'output_config.destination must be "local" or "s3://bucket/prefix"',
-                details={"field": "output_config.destination"},
-            )
-        if bucket not in services.settings.s3_allowed_buckets:
-            raise InvalidJobRequest(
-                f"bucket {bucket!r} is not allowed (JOBLEDGER_S3_ALLOWED_BUCKETS)",
-                details={"field": "output_config.destination"},
-            )
+    try:
+        check_destination(destination, services.settings.s3_allowed_buckets)
+    except InvalidLocation as error:
+        raise InvalidJobRequest(
+            str(error), details={"field": "output_config.destination"}
+        ) from None
+    if isinstance(data.input, FileInput):
+        input_text, input_file_id = None, data.input.file_id
+    elif is_file_id(data.input):
+        input_text, input_file_id = None, data.input
+    else:
+        input_text, input_file_id = data.input, None
     return JobSpec(
         model=data.model,
-        input_text=data.input,
-        input_file_id=None,
+        input_text=input_text,
+        input_file_id=input_file_id,
         output_destination=destination,
         output_format=data.output_config.format,
         gpu_type=normalize_gpu_type(data.requirements.gpu_type),
@@ -356,18 +387,45 @@ class JobController(Controller):
         guards=[allow(*READERS)],
         summary="Download the result",
         media_type="application/octet-stream",
-        responses=openapi.errors(401, 403, 404, 409, 429),
+        responses=openapi.errors(401, 403, 404, 409, 410, 416, 429),
     )
     async def download(
         self, request: Request[Principal, Any, Any], state: State, job_id: str
-    ) -> Response[bytes]:
-        """The result bytes with their sha256; 409 while the job has no result."""
-        row = await load_row(services_of(state), request.user, job_id)
-        # Results are written by miners into blob storage (docs/architecture.md,
-        # "Results"); until a job completed with one there is nothing to send.
-        raise Conflict(
-            f"job {job_id} has no result to download (status: {row.status})",
-            details={"job_id": job_id, "status": row.status},
+    ) -> Response[Any]:
+        """The result bytes in the job's format, with their sha256 (ETag, Digest); Range resumes.
+
+        409 while the job has no result; 410 if its stored bytes were removed since.
+        """
+        services = services_of(state)
+        row = await load_row(services, request.user, job_id)
+        if row.status != JobStatus.COMPLETED or row.result is None:
+            raise Conflict(
+                f"job {job_id} has no result to download (status: {row.status})",
+                details={"job_id": job_id, "status": row.status},
+            )
+        result = downloadable(row.result, services.settings.s3_allowed_buckets)
+        if isinstance(result, Location):
+            info = await services.blobs.stat(result)
+            if info is None:
+                raise ResultGone(job_id, str(result))
+            location = result
+
+            def chunks(start: int, end: int) -> AsyncIterator[bytes]:
+                return services.blobs.read(location, start, end)
+
+        else:
+            data = result
+
+            def chunks(start: int, end: int) -> AsyncIterator[bytes]:
+                return _one_chunk(data[start:end])
+
+        return stream_response(
+            request_headers=request.headers,
+            size=int(row.result["size_bytes"]),
+            sha256=str(row.result["sha256"]),
+            media_type=MEDIA_TYPES.get(row.output_format, "application/octet-stream"),
+            filename=f"{job_id}.{EXTENSIONS.get(row.output_format, 'bin')}",
+            chunks=chunks,
         )
 
     @get(

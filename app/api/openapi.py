@@ -18,7 +18,12 @@ _ERRORS = {
         "conflict with the job's current state",
         "cannot request_cancel job ...: it is completed",
     ),
+    410: (
+        "gone: the stored result bytes were removed after the job completed",
+        "the result of job job_... was stored at s3://..., which no longer holds it",
+    ),
     413: ("request body too large", "Request Entity Too Large"),
+    416: ("the Range asked for lies outside the bytes", "range not satisfiable"),
     422: (
         "validation error; the message names the field",
         "invalid request: timeout_seconds: Expected `int` >= 1",
@@ -141,4 +146,14 @@ MINER_STATS: dict[str, Any] = {
     "earnings": 1.8,
     "earnings_per_gpu_hour": 0.8,
     "gpu_seconds": 8100,
+}
+
+FILE: dict[str, Any] = {
+    "file_id": "file_3c5e1a0e2b7d4f6a8c9b0d1e2f3a4b5c",
+    "size_bytes": 1048576,
+    "sha256": "3f39d5c348e5b79d06e842c114e6cc571583bbf44e4b0ebfda1a01ec05745d43",
+    "content_type": "application/octet-stream",
+    "filename": "prompts.jsonl",
+    "created_at": "2026-01-15T10:30:00Z",
+    "used_by": None,
 }

@@ -43,6 +43,14 @@ class Requirements(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_vram_gb: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
 
 
+class FileInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An uploaded file as a job's input, named explicitly."""
+
+    file_id: Annotated[
+        str, msgspec.Meta(pattern=r"^file_[0-9a-f]{32}$", description="from POST /v1/files")
+    ]
+
+
 class SubmitJobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """POST /v1/jobs. Unknown fields (status, owner, cost, ...) are rejected, not ignored."""
 
@@ -56,7 +64,15 @@ class SubmitJobRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
             examples=["gpt2", "meta-llama/Llama-3.1-8B"],
         ),
     ]
-    input: Annotated[str, msgspec.Meta(description="the input text (or, later, a file_id)")]
+    input: Annotated[
+        str | FileInput,
+        msgspec.Meta(
+            description=(
+                "the input text, or an uploaded file: its file_id (a string of exactly that "
+                'shape is taken as a file) or {"file_id": "..."}'
+            )
+        ),
+    ]
     requirements: Requirements
     output_config: OutputConfig = msgspec.field(default_factory=OutputConfig)
     priority: Priority = Priority.NORMAL
@@ -279,3 +295,25 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     """Every error answer has this shape."""
 
     error: ErrorDetail
+
+
+class FileResponse(msgspec.Struct, kw_only=True):
+    """An uploaded input file; pass `file_id` as a job's `input`."""
+
+    file_id: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+    filename: str | None
+    created_at: datetime
+    # The first job that used the file as input; a used file is kept (cannot be deleted).
+    used_by: str | None
+
+
+class UploadResultResponse(msgspec.Struct, kw_only=True):
+    """Where the ledger stored a result, and what it received; repeat it in the completion."""
+
+    location: str
+    size_bytes: int
+    sha256: str
+    content_type: str

@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType
 
 from app import protocol
+from app.blobs import Blobs
 from app.bus import Bus, ensure_streams
 from app.ingestor import Ingestor
 from app.protocol import Namespace
@@ -231,10 +233,11 @@ async def test_cancelling_a_held_job_sends_its_miner_a_cancel_order(
 
 
 async def test_an_unreadable_report_goes_to_the_dead_letter_stream_and_is_not_retried(
-    ledger: JobLedger, bus: Bus, namespace: Namespace
+    ledger: JobLedger, bus: Bus, namespace: Namespace, tmp_path: Path
 ) -> None:
     job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
-    ingestor = Ingestor(ledger, bus, namespace, max_attempts=3)
+    blobs = Blobs(tmp_path, None, frozenset())
+    ingestor = Ingestor(ledger, bus, namespace, blobs, max_attempts=3)
     js = await bus.jetstream()
     await ensure_streams(js, namespace)
     async with running(ingestor.run):
@@ -261,7 +264,7 @@ async def test_an_unreadable_report_goes_to_the_dead_letter_stream_and_is_not_re
 
 
 async def test_reports_turn_into_job_events_through_the_stream(
-    ledger: JobLedger, bus: Bus, namespace: Namespace
+    ledger: JobLedger, bus: Bus, namespace: Namespace, tmp_path: Path
 ) -> None:
     miner_id = register(ledger, "cpu")
     job_id = ledger.submit(
@@ -271,7 +274,8 @@ async def test_reports_turn_into_job_events_through_the_stream(
     js = await bus.jetstream()
     await ensure_streams(js, namespace)
     started = protocol.Started(miner_id=miner_id, attempt=1, at=datetime.now().astimezone())
-    async with running(Ingestor(ledger, bus, namespace, max_attempts=3).run):
+    ingestor = Ingestor(ledger, bus, namespace, Blobs(tmp_path, None, frozenset()), max_attempts=3)
+    async with running(ingestor.run):
         for _ in range(3):  # a miner retrying its publish: deduplicated by the stream
             await js.publish(
                 namespace.reports_subject(job_id),

@@ -67,14 +67,20 @@ class Scene:
         return [kind for kind in self.event_types() if kind in TERMINAL_EVENTS]
 
 
-@pytest.fixture
-def scene(ledger: JobLedger) -> Scene:
+def make_scene(ledger: JobLedger, **changes: object) -> Scene:
     job_id = ledger.submit(
-        owner="alice", spec=spec(gpu_type="cpu", min_vram_gb=0), idempotency_key=None
+        owner="alice",
+        spec=spec(**({"gpu_type": "cpu", "min_vram_gb": 0, "output_format": "text"} | changes)),
+        idempotency_key=None,
     ).job_id
     miner, other = register(ledger, "first"), register(ledger, "second")
     ledger.change_job(job_id, lambda job: job.assign(miner))
     return Scene(ledger=ledger, job_id=job_id, miner=miner, other=other)
+
+
+@pytest.fixture
+def scene(ledger: JobLedger) -> Scene:
+    return make_scene(ledger)
 
 
 def now() -> datetime:
@@ -193,6 +199,31 @@ def test_a_result_whose_size_does_not_match_fails_the_job(scene: Scene) -> None:
     scene.report(completed(scene.miner, result=wrong_size))
     row = scene.ledger.job_row(scene.job_id, owner=None)
     assert (row.status, row.error_code) == ("failed", "invalid_result")
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"output_format": "json"}, "must be valid JSON"),
+        ({"output_format": "archive"}, "must be a zip file"),
+        ({"output_destination": "s3://results/run"}, "must be stored through the result upload"),
+    ],
+)
+def test_an_inline_result_the_job_did_not_ask_for_fails_it(
+    ledger: JobLedger, changes: dict[str, object], problem: str
+) -> None:
+    scene = make_scene(ledger, **changes)
+    scene.report(completed(scene.miner))
+    row = scene.ledger.job_row(scene.job_id, owner=None)
+    assert (row.status, row.error_code) == ("failed", "invalid_result")
+    assert row.error is not None and problem in row.error
+
+
+def test_a_completion_records_the_result_with_its_format(scene: Scene) -> None:
+    scene.report(completed(scene.miner))
+    result = scene.ledger.job_row(scene.job_id, owner=None).result
+    assert result is not None
+    assert (result["storage"], result["format"], result["data"]) == ("inline", "text", OUTPUT)
 
 
 @pytest.mark.parametrize(
