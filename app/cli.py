@@ -188,6 +188,10 @@ def run_miner(args: argparse.Namespace, settings: Settings) -> int:
     nats_url = args.nats or settings.nats_url
     if not nats_url:
         raise ConfigError("the NATS URL is needed: --nats, or JOBLEDGER_NATS_URL")
+    # Inputs and results of any size live here while they run: a disk, not /tmp.
+    work_dir = (
+        args.work_dir or os.environ.get("JOBLEDGER_MINER_WORK_DIR") or settings.home / "miner-work"
+    )
     config = AgentConfig(
         api_url=args.api or os.environ.get("JOBLEDGER_URL") or "http://127.0.0.1:8000",
         nats_urls=[url.strip() for url in nats_url.split(",") if url.strip()],
@@ -199,6 +203,7 @@ def run_miner(args: argparse.Namespace, settings: Settings) -> int:
         max_concurrent=args.max_concurrent,
         heartbeat_seconds=args.heartbeat_seconds,
         drain_seconds=args.drain_seconds,
+        work_dir=Path(work_dir).expanduser().resolve(),
     )
     probe = None
     gpus = []
@@ -326,6 +331,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM, seconds running jobs may finish before they are handed back (30)",
+    )
+    miner_cmd.add_argument(
+        "--work-dir",
+        help="where jobs' input and result files are kept while they run, in a directory "
+        "per miner emptied at start (JOBLEDGER_MINER_WORK_DIR, default "
+        "$JOBLEDGER_HOME/miner-work)",
     )
 
     keys_cmd = commands.add_parser("keys", help="manage API keys").add_subparsers(

@@ -7,8 +7,10 @@ Lifecycle (docs/protocol.md has the wire details):
    `PUT /v1/miners/{id}` when that differs from what the ledger has.
 3. Pull assignments from its durable JetStream consumer, never more than it has free
    slots for; acknowledge each once it is held (listed in heartbeats), then run it.
-4. Report started, progress (at most once a second, only forward), and completed or
-   failed, each published to JetStream with a Nats-Msg-Id and retried until stored.
+4. Report started; fetch the input file over HTTP if the job has one; run the executor;
+   report progress (at most once a second, only forward); package the output in the
+   job's format and deliver it (inline for small local results, else uploaded); report
+   completed or failed. Reports go to JetStream with a Nats-Msg-Id, retried until stored.
 5. Heartbeat every few seconds with what it holds; obey cancel orders from control.
 6. On SIGTERM, drain: take nothing new, let running attempts finish for a while,
    then hand back (report `released`) what is still running, and exit.
@@ -22,17 +24,18 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import nats
-from anyio import to_thread
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -41,7 +44,15 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from app import protocol
 from app.bus import NATS_DOWN
 from app.gpu import GpuProbe, GpuUsage, UsageSampler
-from app.miner.executors import ExecutionContext, ExecutorError, ExecutorRegistry, Output
+from app.miner import transfer
+from app.miner.executors import (
+    ExecutionContext,
+    Executor,
+    ExecutorError,
+    ExecutorRegistry,
+    Output,
+)
+from app.miner.results import package
 from app.protocol import Namespace
 from domain.gpus import normalize_gpu_type
 from domain.miners import Capabilities
@@ -74,6 +85,9 @@ class AgentConfig:
     progress_interval_seconds: float = 1.0
     # On SIGTERM, how long running attempts may take to finish before they are handed back.
     drain_seconds: float = 30.0
+    # Where attempts keep their input, output and packaged result: large files go here.
+    # Each miner uses work_dir/<miner_id>, emptied at start.
+    work_dir: Path
 
 
 def offered_capabilities(
@@ -108,7 +122,7 @@ def offered_capabilities(
 
 
 @dataclass(slots=True)
-class _Attempt:
+class Attempt:
     """One attempt the agent holds, from the moment it is pulled until its last report."""
 
     assignment: protocol.Assignment
@@ -123,6 +137,294 @@ class _Attempt:
     @property
     def key(self) -> tuple[str, int]:
         return (self.assignment.job_id, self.assignment.attempt)
+
+
+# Sends one report of a job and returns once it is stored (JetStream, in the agent).
+ReportSender = Callable[[str, protocol.Report], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptRunner:
+    """Takes one held attempt to its last report: input, executor, result format, delivery."""
+
+    miner_id: str
+    registry: ExecutorRegistry
+    # The agent's HTTP client for the ledger API (base URL and miner key set).
+    api: httpx.AsyncClient
+    report: ReportSender
+    # This miner's directory for attempts; each gets a private directory inside it.
+    work_dir: Path
+    probe: GpuProbe | None = None
+    progress_interval_seconds: float = 1.0
+    transfer_retry_seconds: float = transfer.FIRST_RETRY_SECONDS
+
+    async def run(self, attempt: Attempt) -> None:
+        """Run the attempt and report its end; stopped, it reports canceled or released.
+
+        If the ledger says the attempt is no longer this miner's (404 on a transfer),
+        it stops without a last report. Its directory is removed however it ends.
+        """
+        assignment = attempt.assignment
+        job_id, number = attempt.key
+        directory = self.work_dir / _attempt_dir_name(job_id, number)
+        pump: asyncio.Task[None] | None = None
+        sampler = UsageSampler(self.probe, attempt.gpu_indices)
+        try:
+            executor = self.registry.get(assignment.model)
+            if executor is None:
+                known = ", ".join(self.registry.names())
+                error = ExecutorError(
+                    "unknown_model",
+                    f"no executor for model {assignment.model!r} on this miner; it runs: {known}",
+                )
+                await self.report(job_id, self._failed(number, error, None))
+                return
+            started = protocol.Started(miner_id=self.miner_id, attempt=number, at=datetime.now(UTC))
+            await self.report(job_id, started)
+            pump = asyncio.create_task(self._pump_progress(attempt))
+            await asyncio.to_thread(_make_attempt_dir, directory)
+            final = await self._conclude(attempt, executor, directory, sampler)
+            pump.cancel()
+            if final is not None:
+                await self.report(job_id, final)
+        except asyncio.CancelledError:
+            await self._report_stopped(attempt)
+        finally:
+            if pump is not None:
+                pump.cancel()
+            await asyncio.to_thread(sampler.stop)
+            await asyncio.to_thread(_remove_tree, directory)
+
+    async def _conclude(
+        self, attempt: Attempt, executor: Executor, directory: Path, sampler: UsageSampler
+    ) -> protocol.Report | None:
+        """The attempt's last report, or None if the ledger says it is no longer ours."""
+        assignment = attempt.assignment
+        job_id, number = attempt.key
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (assignment.deadline - datetime.now(UTC)).total_seconds()
+        try:
+            input_path = await self._fetch_input(assignment, directory, deadline)
+        except transfer.AttemptGone as gone:
+            log.info("%s attempt %d is no longer ours: %s", job_id, number, gone)
+            return None
+        except ExecutorError as error:
+            return self._failed(number, error, None)
+        context = ExecutionContext(
+            job_id=job_id,
+            attempt=number,
+            model=assignment.model,
+            input=assignment.input,
+            input_file_id=assignment.input_file_id,
+            input_path=input_path,
+            work_dir=directory / _OUTPUT_DIR,
+            timeout_seconds=assignment.timeout_seconds,
+            gpu_indices=attempt.gpu_indices,
+            progress=_progress_setter(attempt),
+        )
+        await asyncio.to_thread(sampler.start)
+        attempt.began = time.monotonic()
+        outcome = await _outcome(executor.run(context), deadline - loop.time())
+        elapsed = time.monotonic() - attempt.began
+        usage = await asyncio.to_thread(sampler.stop)
+        metrics = _metrics(assignment, elapsed, usage)
+        if isinstance(outcome, ExecutorError):
+            return self._failed(number, outcome, metrics)
+        try:
+            result = await self._deliver(assignment, outcome, directory, deadline)
+        except transfer.AttemptGone as gone:
+            log.info("%s attempt %d is no longer ours: %s", job_id, number, gone)
+            return None
+        except ExecutorError as error:
+            return self._failed(number, error, metrics)
+        return protocol.Completed(
+            miner_id=self.miner_id,
+            attempt=number,
+            at=datetime.now(UTC),
+            result=result,
+            metrics=metrics,
+        )
+
+    async def _fetch_input(
+        self, assignment: protocol.Assignment, directory: Path, deadline: float
+    ) -> Path | None:
+        """The input file, fetched and checked; None when the input is text (or absent)."""
+        if assignment.input is not None or assignment.input_file_id is None:
+            return None
+        destination = directory / _INPUT_FILE
+        try:
+            await transfer.fetch_input(
+                self.api,
+                assignment,
+                destination,
+                deadline=deadline,
+                first_retry_seconds=self.transfer_retry_seconds,
+            )
+        except (transfer.AttemptGone, ExecutorError):
+            raise
+        except Exception as error:  # a full disk or a bug fails the attempt, not the agent
+            log.exception("fetching the input of %s failed", assignment.job_id)
+            raise ExecutorError(
+                "input_unavailable",
+                f"the input could not be fetched: {type(error).__name__}: {error}",
+            ) from error
+        return destination
+
+    async def _deliver(
+        self, assignment: protocol.Assignment, output: Output, directory: Path, deadline: float
+    ) -> protocol.InlineResult | protocol.StoredResult:
+        """The output in the job's format, inline in the report or stored through the ledger."""
+        try:
+            return await self._package_and_deliver(assignment, output, directory, deadline)
+        except (transfer.AttemptGone, ExecutorError):
+            raise
+        except Exception as error:  # a full disk or a bug fails the attempt, not the agent
+            log.exception("delivering the result of %s failed", assignment.job_id)
+            raise ExecutorError(
+                "delivery_failed",
+                f"the result could not be delivered: {type(error).__name__}: {error}",
+            ) from error
+
+    async def _package_and_deliver(
+        self, assignment: protocol.Assignment, output: Output, directory: Path, deadline: float
+    ) -> protocol.InlineResult | protocol.StoredResult:
+        try:
+            async with asyncio.timeout_at(deadline):
+                packaged = await package(output, assignment.output_config.format, directory)
+        except TimeoutError:
+            raise ExecutorError(
+                "timed_out", "the attempt passed its deadline while its result was packaged"
+            ) from None
+        if travels_inline(assignment.output_config, packaged.size_bytes):
+            path = packaged.path
+            data = packaged.data if path is None else await asyncio.to_thread(path.read_bytes)
+            return inline_result(data, packaged.content_type)
+        answer = await transfer.upload_result(
+            self.api,
+            assignment.job_id,
+            assignment.attempt,
+            packaged,
+            deadline=deadline,
+            first_retry_seconds=self.transfer_retry_seconds,
+        )
+        return protocol.StoredResult(
+            location=answer.location, size_bytes=answer.size_bytes, sha256=answer.sha256
+        )
+
+    async def _report_stopped(self, attempt: Attempt) -> None:
+        number = attempt.assignment.attempt
+        if attempt.stop_as == "released":
+            report: protocol.Report = protocol.Released(
+                miner_id=self.miner_id,
+                attempt=number,
+                at=datetime.now(UTC),
+                reason="the miner is shutting down",
+            )
+        else:
+            report = protocol.Canceled(miner_id=self.miner_id, attempt=number, at=datetime.now(UTC))
+        await self.report(attempt.assignment.job_id, report)
+
+    async def _pump_progress(self, attempt: Attempt) -> None:
+        """Publish progress at most once per interval, and only when it moved forward."""
+        sent = 0
+        while True:
+            await asyncio.sleep(self.progress_interval_seconds)
+            current = attempt.progress
+            if current > sent:
+                sent = current
+                report = protocol.Progress(
+                    miner_id=self.miner_id,
+                    attempt=attempt.assignment.attempt,
+                    at=datetime.now(UTC),
+                    progress=current,
+                )
+                await self.report(attempt.assignment.job_id, report)
+
+    def _failed(
+        self, attempt: int, error: ExecutorError, metrics: protocol.Metrics | None
+    ) -> protocol.Failed:
+        return protocol.Failed(
+            miner_id=self.miner_id,
+            attempt=attempt,
+            at=datetime.now(UTC),
+            error=error.error_info(),
+            metrics=metrics,
+        )
+
+
+_INPUT_FILE = "input"
+_OUTPUT_DIR = "output"
+
+
+def _attempt_dir_name(job_id: str, attempt: int) -> str:
+    """`<job_id>-<attempt>-<random>`: unique even if an attempt comes back after a restart."""
+    safe = job_id if protocol.valid_token(job_id) else "job"
+    return f"{safe}-{attempt}-{secrets.token_hex(4)}"
+
+
+def _make_attempt_dir(directory: Path) -> None:
+    """Create an attempt's private directory and the empty output directory inside it."""
+    (directory / _OUTPUT_DIR).mkdir(parents=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a file or a directory tree; a failure is logged (start clears leftovers)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("could not remove %s: %s", path, error)
+
+
+def clear_work_dir(work_dir: Path) -> None:
+    """Create the work dir, or empty it of what earlier runs of this miner left behind."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in work_dir.iterdir():
+        _remove_tree(leftover)
+
+
+async def _outcome(work: Awaitable[Output], remaining: float) -> Output | ExecutorError:
+    """The executor's output or its error; crashes and overruns become errors too."""
+    try:
+        output: Output = await asyncio.wait_for(work, max(remaining, 0.0))
+    except ExecutorError as error:
+        return error
+    except TimeoutError:
+        return ExecutorError("timed_out", "the attempt passed its deadline")
+    except Exception as error:  # an executor plugin's bug must not kill the agent
+        log.exception("executor crashed")
+        return ExecutorError("executor_crashed", f"{type(error).__name__}: {error}")
+    if not isinstance(output, Output):
+        return ExecutorError(
+            "executor_crashed", f"the executor returned {type(output).__name__}, not an Output"
+        )
+    return output
+
+
+def _metrics(assignment: protocol.Assignment, elapsed: float, usage: GpuUsage) -> protocol.Metrics:
+    """What the executor used: its wall time (transfers are not counted) and GPU samples."""
+    return protocol.Metrics(
+        execution_seconds=round(elapsed, 6),
+        gpu_seconds=round(elapsed * assignment.requirements.gpu_count, 6),
+        peak_gpu_memory_mb=usage.peak_memory_mb,
+        peak_gpu_utilization_percent=usage.peak_utilization_percent,
+        mean_gpu_utilization_percent=usage.mean_utilization_percent,
+    )
+
+
+def _progress_setter(attempt: Attempt) -> Callable[[int], None]:
+    def set_progress(percent: int) -> None:
+        # Any thread may call this; a plain int assignment is atomic, forward only.
+        attempt.progress = max(attempt.progress, min(max(int(percent), 0), 100))
+
+    return set_progress
+
+
+def travels_inline(output_config: protocol.OutputConfig, size_bytes: int) -> bool:
+    """True if a result may ride inside the report: destination "local" and at most 256 KiB."""
+    return output_config.destination == "local" and size_bytes <= protocol.MAX_INLINE_RESULT_BYTES
 
 
 class MinerAgent:
@@ -141,7 +443,7 @@ class MinerAgent:
         self._gpus = gpus
         self._ns = Namespace(config.prefix)
         self._session = secrets.token_hex(8)
-        self._held: dict[tuple[str, int], _Attempt] = {}
+        self._held: dict[tuple[str, int], Attempt] = {}
         # Cancel orders for attempts not (yet) held: their assignment is skipped on arrival.
         # Bounded: the oldest are forgotten first (by then the ledger has moved on).
         self._canceled_early: dict[tuple[str, int], None] = {}
@@ -152,43 +454,57 @@ class MinerAgent:
         self.max_concurrent = 1
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        self._runner: AttemptRunner | None = None
 
     # ---- start ----------------------------------------------------------------
 
-    async def register(self) -> Capabilities:
+    async def register(self, api: httpx.AsyncClient) -> Capabilities:
         """Learn our miner id from the API and bring our capabilities up to date there."""
-        headers = {"X-Api-Key": self._config.key}
-        async with httpx.AsyncClient(
-            base_url=self._config.api_url, headers=headers, timeout=10
-        ) as api:
-            me = await _until_answered(lambda: api.get("/v1/miners/me"))
-            if me.status_code in (401, 403):
-                raise AgentError(f"the API refused the miner key: {_error_message(me)}")
-            if me.status_code != 200:
-                raise AgentError(f"GET /v1/miners/me answered {me.status_code}: {me.text}")
-            registered = me.json()
-            self.miner_id = str(registered["miner_id"])
-            if registered.get("status") == "deregistered":
-                raise AgentError(f"miner {self.miner_id} is deregistered; register a new one")
-            wanted = offered_capabilities(self._config, self._gpus, registered)
-            current = {k: registered.get(k) for k in Capabilities.__struct_fields__}
-            if msgspec.to_builtins(wanted) != msgspec.to_builtins(
-                msgspec.convert(current, Capabilities, strict=False)
-            ):
-                answer = await api.put(
-                    f"/v1/miners/{self.miner_id}",
-                    content=msgspec.json.encode(wanted),
-                    headers={"Content-Type": "application/json"},
-                )
-                if answer.status_code != 200:
-                    raise AgentError(f"could not update capabilities: {_error_message(answer)}")
-                log.info("capabilities updated: %s", msgspec.to_builtins(wanted))
+        me = await _until_answered(lambda: api.get("/v1/miners/me"))
+        if me.status_code in (401, 403):
+            raise AgentError(f"the API refused the miner key: {transfer.error_message(me)}")
+        if me.status_code != 200:
+            raise AgentError(f"GET /v1/miners/me answered {me.status_code}: {me.text}")
+        registered = me.json()
+        self.miner_id = str(registered["miner_id"])
+        if registered.get("status") == "deregistered":
+            raise AgentError(f"miner {self.miner_id} is deregistered; register a new one")
+        wanted = offered_capabilities(self._config, self._gpus, registered)
+        current = {k: registered.get(k) for k in Capabilities.__struct_fields__}
+        if msgspec.to_builtins(wanted) != msgspec.to_builtins(
+            msgspec.convert(current, Capabilities, strict=False)
+        ):
+            answer = await api.put(
+                f"/v1/miners/{self.miner_id}",
+                content=msgspec.json.encode(wanted),
+                headers={"Content-Type": "application/json"},
+            )
+            if answer.status_code != 200:
+                raise AgentError(f"could not update capabilities: {transfer.error_message(answer)}")
+            log.info("capabilities updated: %s", msgspec.to_builtins(wanted))
         self.max_concurrent = wanted.max_concurrent
         return wanted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain and return."""
-        await self.register()
+        # One HTTP client for the agent's lifetime: registration, inputs and results.
+        async with transfer.api_client(self._config.api_url, self._config.key) as api:
+            await self.register(api)
+            work_dir = self._config.work_dir / self.miner_id
+            await asyncio.to_thread(clear_work_dir, work_dir)
+            self._runner = AttemptRunner(
+                miner_id=self.miner_id,
+                registry=self._registry,
+                api=api,
+                report=self._report,
+                work_dir=work_dir,
+                probe=self._probe,
+                progress_interval_seconds=self._config.progress_interval_seconds,
+            )
+            await self._work(stop)
+
+    async def _work(self, stop: asyncio.Event) -> None:
+        """Connect to NATS, take and run assignments until `stop`, then drain."""
         self._nc = await nats.connect(
             self._config.nats_urls,
             name=f"jobledger-miner-{self.miner_id}",
@@ -286,7 +602,7 @@ class MinerAgent:
             await self._report(assignment.job_id, self._canceled(assignment.attempt))
             await message.ack()
             return
-        attempt = _Attempt(assignment, self._take_gpus(assignment.requirements.gpu_count))
+        attempt = Attempt(assignment, self._take_gpus(assignment.requirements.gpu_count))
         self._held[key] = attempt
         # The task exists before any await, so a cancel order can always reach it.
         attempt.task = asyncio.create_task(self._execute(attempt), name=f"job-{key[0]}-{key[1]}")
@@ -299,131 +615,17 @@ class MinerAgent:
 
     # ---- running an attempt ---------------------------------------------------
 
-    async def _execute(self, attempt: _Attempt) -> None:
-        assignment = attempt.assignment
-        job_id, number = attempt.key
-        pump: asyncio.Task[None] | None = None
-        sampler = UsageSampler(self._probe, attempt.gpu_indices)
+    async def _execute(self, attempt: Attempt) -> None:
+        assert self._runner is not None
         try:
-            executor = self._registry.get(assignment.model)
-            if executor is None:
-                known = ", ".join(self._registry.names())
-                error = ExecutorError(
-                    "unknown_model",
-                    f"no executor for model {assignment.model!r} on this miner; it runs: {known}",
-                )
-                await self._report(job_id, self._failed(number, error, None))
-                return
-            started = protocol.Started(miner_id=self.miner_id, attempt=number, at=datetime.now(UTC))
-            await self._report(job_id, started)
-            pump = asyncio.create_task(self._pump_progress(attempt))
-            await to_thread.run_sync(sampler.start)
-            context = ExecutionContext(
-                job_id=job_id,
-                attempt=number,
-                model=assignment.model,
-                input=assignment.input,
-                input_file_id=assignment.input_file_id,
-                timeout_seconds=assignment.timeout_seconds,
-                gpu_indices=attempt.gpu_indices,
-                progress=self._progress_setter(attempt),
-            )
-            remaining = (assignment.deadline - datetime.now(UTC)).total_seconds()
-            attempt.began = time.monotonic()
-            outcome = await self._outcome(executor.run(context), remaining)
-            pump.cancel()
-            usage = await to_thread.run_sync(sampler.stop)
-            await self._report(job_id, self._final(attempt, outcome, usage))
-        except asyncio.CancelledError:
-            await self._report_stopped(attempt)
+            await self._runner.run(attempt)
         finally:
-            if pump is not None:
-                pump.cancel()
-            await to_thread.run_sync(sampler.stop)
             self._release(attempt)
 
-    async def _outcome(self, work: Any, remaining: float) -> Output | ExecutorError:
-        """The executor's output or its error; crashes and overruns become errors too."""
-        try:
-            output: Output = await asyncio.wait_for(work, max(remaining, 0.0))
-        except ExecutorError as error:
-            return error
-        except TimeoutError:
-            return ExecutorError("timed_out", "the attempt passed its deadline")
-        except Exception as error:  # an executor plugin's bug must not kill the agent
-            log.exception("executor crashed")
-            return ExecutorError("executor_crashed", f"{type(error).__name__}: {error}")
-        return output
-
-    def _final(
-        self, attempt: _Attempt, outcome: Output | ExecutorError, usage: GpuUsage
-    ) -> protocol.Report:
-        number = attempt.assignment.attempt
-        elapsed = time.monotonic() - attempt.began
-        metrics = protocol.Metrics(
-            execution_seconds=round(elapsed, 6),
-            gpu_seconds=round(elapsed * attempt.assignment.requirements.gpu_count, 6),
-            peak_gpu_memory_mb=usage.peak_memory_mb,
-            peak_gpu_utilization_percent=usage.peak_utilization_percent,
-            mean_gpu_utilization_percent=usage.mean_utilization_percent,
-        )
-        if isinstance(outcome, ExecutorError):
-            return self._failed(number, outcome, metrics)
-        if len(outcome.data) > protocol.MAX_INLINE_RESULT_BYTES:
-            error = ExecutorError(
-                "result_too_large",
-                f"the result is {len(outcome.data)} bytes; results travel inline up to "
-                f"{protocol.MAX_INLINE_RESULT_BYTES} bytes",
-            )
-            return self._failed(number, error, metrics)
-        return protocol.Completed(
-            miner_id=self.miner_id,
-            attempt=number,
-            at=datetime.now(UTC),
-            result=inline_result(outcome),
-            metrics=metrics,
-        )
-
-    async def _report_stopped(self, attempt: _Attempt) -> None:
-        number = attempt.assignment.attempt
-        if attempt.stop_as == "released":
-            report: protocol.Report = protocol.Released(
-                miner_id=self.miner_id,
-                attempt=number,
-                at=datetime.now(UTC),
-                reason="the miner is shutting down",
-            )
-        else:
-            report = self._canceled(number)
-        await self._report(attempt.assignment.job_id, report)
-
-    def _release(self, attempt: _Attempt) -> None:
+    def _release(self, attempt: Attempt) -> None:
         self._held.pop(attempt.key, None)
         self._free_gpus.extend(attempt.gpu_indices)
         self._slot_freed.set()
-
-    def _progress_setter(self, attempt: _Attempt) -> Callable[[int], None]:
-        def set_progress(percent: int) -> None:
-            # Any thread may call this; a plain int assignment is atomic, forward only.
-            attempt.progress = max(attempt.progress, min(max(int(percent), 0), 100))
-
-        return set_progress
-
-    async def _pump_progress(self, attempt: _Attempt) -> None:
-        """Publish progress at most once per interval, and only when it moved forward."""
-        sent = 0
-        while True:
-            await asyncio.sleep(self._config.progress_interval_seconds)
-            current = attempt.progress
-            if current > sent:
-                sent = current
-                report = protocol.Progress(
-                    miner_id=self.miner_id,
-                    attempt=attempt.assignment.attempt,
-                    at=datetime.now(UTC),
-                    progress=current,
-                )
-                await self._report(attempt.assignment.job_id, report)
 
     # ---- control --------------------------------------------------------------
 
@@ -514,17 +716,6 @@ class MinerAgent:
     def _canceled(self, attempt: int) -> protocol.Canceled:
         return protocol.Canceled(miner_id=self.miner_id, attempt=attempt, at=datetime.now(UTC))
 
-    def _failed(
-        self, attempt: int, error: ExecutorError, metrics: protocol.Metrics | None
-    ) -> protocol.Failed:
-        return protocol.Failed(
-            miner_id=self.miner_id,
-            attempt=attempt,
-            at=datetime.now(UTC),
-            error=error.error_info(),
-            metrics=metrics,
-        )
-
     async def _report(self, job_id: str, report: protocol.Report) -> None:
         """Publish a report to JetStream, retrying until it is stored (deduplicated by id)."""
         assert self._js is not None
@@ -544,24 +735,24 @@ class MinerAgent:
                 return
 
 
-def inline_result(output: Output) -> protocol.InlineResult:
-    """An output as an inline result: text when it is UTF-8, else base64."""
-    digest = hashlib.sha256(output.data).hexdigest()
+def inline_result(data: bytes, content_type: str) -> protocol.InlineResult:
+    """Result bytes as an inline result: text when they are UTF-8, else base64."""
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        text = output.data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         return protocol.InlineResult(
-            data=base64.b64encode(output.data).decode("ascii"),
+            data=base64.b64encode(data).decode("ascii"),
             encoding="base64",
-            content_type=output.content_type,
-            size_bytes=len(output.data),
+            content_type=content_type,
+            size_bytes=len(data),
             sha256=digest,
         )
     return protocol.InlineResult(
         data=text,
         encoding="utf-8",
-        content_type=output.content_type,
-        size_bytes=len(output.data),
+        content_type=content_type,
+        size_bytes=len(data),
         sha256=digest,
     )
 
@@ -580,10 +771,3 @@ async def _until_answered(call: Callable[[], Any]) -> httpx.Response:
             await asyncio.sleep(_API_RETRY_SECONDS)
             continue
         return response
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text

@@ -3,7 +3,11 @@
 Executors are found through the `jobledger.executors` entry point group, so another
 package can add models without touching this one. Cancellation is asyncio task
 cancellation: an executor must give way promptly at every await, so long CPU or GPU
-work runs in threads, in steps, checking between them.
+work runs in threads, in steps, checking between them (`run_stoppable`).
+
+Inputs and outputs may be files of any size: a file input arrives as `input_path`
+(fetched by the agent before the executor starts), and an executor may write its
+output to a file in `work_dir` and return its path instead of the bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Final, Protocol, runtime_checkable
+from typing import Annotated, Any, Final, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -31,6 +36,11 @@ log = logging.getLogger("jobledger.miner.executors")
 ENTRY_POINT_GROUP: Final = "jobledger.executors"
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
 APPLICATION_JSON: Final = "application/json"
+APPLICATION_OCTET_STREAM: Final = "application/octet-stream"
+# How much of a file blocking work reads (or writes) at a time between checks of its stop event.
+CHUNK_BYTES: Final = 1024 * 1024
+# The largest input file `input_text` reads into memory unless told otherwise.
+INPUT_TEXT_LIMIT: Final = 1024 * 1024
 
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Inputs larger than this are hashed in a thread so the event loop keeps running.
@@ -52,11 +62,21 @@ class ExecutorError(Exception):
         return ErrorInfo(code=self.code, message=self.message)
 
 
-class Output(msgspec.Struct, frozen=True):
-    """The result bytes of an attempt and their media type."""
+@dataclass(frozen=True, slots=True)
+class Output:
+    """An attempt's result and its media type: bytes in memory, or a file the executor wrote.
 
-    data: bytes
-    content_type: str = "application/octet-stream"
+    Give `data` for small results, or `path` (with `data` left empty) for a file of any
+    size, usually in the context's `work_dir`; the agent reads it from disk in chunks.
+    """
+
+    data: bytes = b""
+    content_type: str = APPLICATION_OCTET_STREAM
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.data:
+            raise ValueError("an Output carries its bytes in data or in the file at path, not both")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,8 +86,13 @@ class ExecutionContext:
     job_id: str
     attempt: int
     model: str
+    # The input text; None when the input is a file (input_path) or when there is none.
     input: str | None
     input_file_id: str | None
+    # The fetched input file, size and SHA-256 already checked; None for text inputs.
+    input_path: Path | None = None
+    # A private, empty directory for this attempt, removed when it ends: write outputs here.
+    work_dir: Path
     timeout_seconds: int
     # NVML indices of the GPUs given to this attempt; empty when it has none.
     gpu_indices: tuple[int, ...]
@@ -85,22 +110,100 @@ class Executor(Protocol):
         ...
 
 
-def _required_input(context: ExecutionContext) -> str:
-    """The input text, or ExecutorError("missing_input") if the job has none."""
-    if context.input is None:
-        message = f"model {context.model!r} needs input text; the job has none"
-        if context.input_file_id:
-            message += f" (its input is the uploaded file {context.input_file_id})"
-        raise ExecutorError("missing_input", message)
-    return context.input
+_T = TypeVar("_T")
+
+
+class Stopped(Exception):
+    """Blocking work in a thread saw its stop event set and gave up early."""
+
+
+async def run_stoppable(work: Callable[[threading.Event], _T]) -> _T:
+    """Run blocking `work(stop)` in a thread; if cancelled, set `stop` and wait for the thread.
+
+    `work` should check `stop` between steps (raising Stopped). Waiting for it means
+    nothing it writes outlives the caller's clean-up, such as removing the work dir.
+    """
+    stop = threading.Event()
+    future = asyncio.ensure_future(asyncio.to_thread(work, stop))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait({future})
+        error = None if future.cancelled() else future.exception()
+        if error is not None and not isinstance(error, Stopped):
+            log.warning("work in a thread failed while being stopped", exc_info=error)
+        raise
+
+
+def has_input(context: ExecutionContext) -> bool:
+    """True if the attempt has an input: text, or a fetched file."""
+    return context.input is not None or context.input_path is not None
+
+
+def _missing_input(context: ExecutionContext) -> ExecutorError:
+    """The error for an executor that needs an input the job does not have."""
+    message = f"model {context.model!r} needs an input; the job has none"
+    if context.input_file_id:
+        message += f" (its input is the uploaded file {context.input_file_id}, not fetched)"
+    return ExecutorError("missing_input", message)
+
+
+def _read_text_file(path: Path, limit: int) -> str:
+    """A file's content as UTF-8 text, or ExecutorError("invalid_input") saying why not."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        size = path.stat().st_size
+        raise ExecutorError(
+            "invalid_input",
+            f"this model reads its input as text of at most {limit} bytes; "
+            f"the input file has {size} bytes",
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ExecutorError(
+            "invalid_input",
+            f"this model reads its input as UTF-8 text; byte {error.start} of the input "
+            "file is not UTF-8",
+        ) from None
+
+
+async def input_text(context: ExecutionContext, limit: int = INPUT_TEXT_LIMIT) -> str:
+    """The input as text: the inline text, or the input file (at most `limit` bytes) as UTF-8.
+
+    Raises ExecutorError "missing_input" without an input, "invalid_input" for a file
+    that is too large or not UTF-8.
+    """
+    if context.input is not None:
+        return context.input
+    if context.input_path is None:
+        raise _missing_input(context)
+    return await asyncio.to_thread(_read_text_file, context.input_path, limit)
+
+
+def _file_sha256(path: Path, stop: threading.Event) -> str:
+    """The hex SHA-256 of a file, read in chunks; raises Stopped once `stop` is set."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            if stop.is_set():
+                raise Stopped
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Echo:
-    """Returns the input text unchanged: the smallest job there is, for trying the pipeline."""
+    """Returns its input unchanged: the smallest job there is, for trying the pipeline."""
 
     async def run(self, context: ExecutionContext) -> Output:
-        """The input as UTF-8 text."""
-        return Output(data=_required_input(context).encode(), content_type=TEXT_PLAIN)
+        """Input text as UTF-8 text; an input file as itself (its path, never read into memory)."""
+        if context.input is not None:
+            return Output(data=context.input.encode(), content_type=TEXT_PLAIN)
+        if context.input_path is not None:
+            return Output(path=context.input_path, content_type=APPLICATION_OCTET_STREAM)
+        raise _missing_input(context)
 
 
 class Sleep:
@@ -108,7 +211,7 @@ class Sleep:
 
     async def run(self, context: ExecutionContext) -> Output:
         """`{"slept_seconds": X}` after sleeping X seconds, unless cancelled first."""
-        text = _required_input(context)
+        text = await input_text(context)
         try:
             seconds = float(text.strip())
         except ValueError:
@@ -137,11 +240,17 @@ class Sleep:
 
 
 class Sha256:
-    """Returns the hex SHA-256 of the input's UTF-8 bytes."""
+    """Returns the hex SHA-256 of the input: the text's UTF-8 bytes, or the file's bytes."""
 
     async def run(self, context: ExecutionContext) -> Output:
         """The digest as text."""
-        data = _required_input(context).encode()
+        if context.input is None:
+            if context.input_path is None:
+                raise _missing_input(context)
+            path = context.input_path
+            digest = await run_stoppable(lambda stop: _file_sha256(path, stop))
+            return Output(data=digest.encode(), content_type=TEXT_PLAIN)
+        data = context.input.encode()
         if len(data) > _HASH_IN_THREAD_BYTES:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         else:
@@ -154,7 +263,8 @@ class Fail:
 
     async def run(self, context: ExecutionContext) -> Output:
         """Never returns; raises ExecutorError("requested_failure")."""
-        raise ExecutorError("requested_failure", context.input or "failed as asked")
+        message = await input_text(context) if has_input(context) else ""
+        raise ExecutorError("requested_failure", message or "failed as asked")
 
 
 class MatmulParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -176,10 +286,6 @@ class MatmulResult(msgspec.Struct, frozen=True):
     tflops: float
     device: str
     backend: str
-
-
-class _Stopped(Exception):
-    """The benchmark thread noticed its task was cancelled and stopped early."""
 
 
 # A benchmark run in a thread: (size, iterations, device index, progress, stop) -> result.
@@ -217,7 +323,7 @@ def _torch_benchmark(torch: Any) -> _Benchmark:
         started = time.perf_counter()
         for done in range(1, iterations + 1):
             if stop.is_set():
-                raise _Stopped
+                raise Stopped
             torch.matmul(left, right)
             torch.cuda.synchronize(device)
             progress(100 * done // iterations)
@@ -269,7 +375,7 @@ def _cupy_benchmark(cupy: Any) -> _Benchmark:
         started = time.perf_counter()
         for done in range(1, iterations + 1):
             if stop.is_set():
-                raise _Stopped
+                raise Stopped
             cupy.matmul(left, right)
             device.synchronize()
             progress(100 * done // iterations)
@@ -350,7 +456,7 @@ class Matmul:
 
     async def run(self, context: ExecutionContext) -> Output:
         """The measured seconds and TFLOPS as JSON."""
-        text = (context.input or "").strip()
+        text = (await input_text(context)).strip() if has_input(context) else ""
         try:
             params = _matmul_params_decoder.decode(text) if text else MatmulParams()
         except msgspec.DecodeError as error:

@@ -89,6 +89,8 @@ def start_miner(
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")} | {
         "JOBLEDGER_NATS_PREFIX": served.nats_prefix,
         "JOBLEDGER_MINER_KEY": miner_key,
+        # Its work directory (fetched inputs, packaged results) lives under the test's tmp.
+        "JOBLEDGER_HOME": str(tmp_path / f"miner-home-{miner_id}"),
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(

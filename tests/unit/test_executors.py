@@ -6,7 +6,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
+import time
+import tracemalloc
 from importlib.metadata import EntryPoint
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,9 @@ from app.miner.executors import (
     Output,
     Sha256,
     Sleep,
+    Stopped,
+    input_text,
+    run_stoppable,
 )
 
 
@@ -33,6 +40,8 @@ def context(
     timeout_seconds: int = 60,
     progress: list[int] | None = None,
     input_file_id: str | None = None,
+    input_path: Path | None = None,
+    work_dir: Path = Path("unused-work-dir"),
 ) -> ExecutionContext:
     reported = progress if progress is not None else []
     return ExecutionContext(
@@ -41,6 +50,8 @@ def context(
         model=model,
         input=input,
         input_file_id=input_file_id,
+        input_path=input_path,
+        work_dir=work_dir,
         timeout_seconds=timeout_seconds,
         gpu_indices=(0,),
         progress=reported.append,
@@ -139,6 +150,141 @@ async def test_fail_fails_with_the_input_as_message() -> None:
     assert raised.value.message == "the disk is on fire"
     with pytest.raises(ExecutorError, match="failed as asked"):
         await Fail().run(context(None))
+
+
+# ---- file inputs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def ten_mib_file(tmp_path: Path) -> Path:
+    path = tmp_path / "input"
+    block = bytes(range(256)) * 4096  # 1 MiB, not UTF-8
+    with path.open("wb") as file:
+        for index in range(10):
+            file.write(bytes([index]) + block[1:])
+    return path
+
+
+def file_context(path: Path, **changes: Any) -> ExecutionContext:
+    return context(None, input_file_id="file_1", input_path=path, work_dir=path.parent, **changes)
+
+
+async def test_echo_returns_an_input_file_as_itself(ten_mib_file: Path) -> None:
+    tracemalloc.start()
+    try:
+        output = await Echo().run(file_context(ten_mib_file))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (output.path, output.data) == (ten_mib_file, b"")
+    assert output.content_type == "application/octet-stream"
+    assert peak < 1024 * 1024
+
+
+async def test_sha256_hashes_an_input_file_from_disk(ten_mib_file: Path) -> None:
+    tracemalloc.start()
+    try:
+        output = await Sha256().run(file_context(ten_mib_file))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert output.data.decode() == hashlib.sha256(ten_mib_file.read_bytes()).hexdigest()
+    assert output.content_type.startswith("text/plain")
+    assert peak < 4 * 1024 * 1024, "the file is hashed in chunks, not loaded"
+
+
+async def test_sha256_without_any_input_is_missing_input() -> None:
+    with pytest.raises(ExecutorError) as raised:
+        await Sha256().run(context(None))
+    assert raised.value.code == "missing_input"
+
+
+async def test_input_text_prefers_the_inline_text(tmp_path: Path) -> None:
+    path = tmp_path / "input"
+    path.write_text("from the file")
+    assert await input_text(context("inline", input_path=path)) == "inline"
+    assert await input_text(context(None, input_path=path)) == "from the file"
+
+
+async def test_input_text_reads_a_file_up_to_its_limit(tmp_path: Path) -> None:
+    path = tmp_path / "input"
+    path.write_text("é" * 50)  # 100 bytes
+    assert await input_text(context(None, input_path=path), limit=100) == "é" * 50
+    with pytest.raises(ExecutorError) as raised:
+        await input_text(context(None, input_path=path), limit=99)
+    assert raised.value.code == "invalid_input"
+    assert "at most 99 bytes" in raised.value.message
+    assert "100 bytes" in raised.value.message
+
+
+async def test_input_text_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(b"caf\xe9")
+    with pytest.raises(ExecutorError) as raised:
+        await input_text(context(None, input_path=path))
+    assert raised.value.code == "invalid_input"
+    assert "UTF-8" in raised.value.message
+
+
+async def test_input_text_default_limit_is_one_mib(ten_mib_file: Path) -> None:
+    with pytest.raises(ExecutorError) as raised:
+        await input_text(file_context(ten_mib_file))
+    assert raised.value.code == "invalid_input"
+    assert f"at most {1024 * 1024} bytes" in raised.value.message
+
+
+async def test_input_text_without_input_is_missing_input() -> None:
+    with pytest.raises(ExecutorError) as raised:
+        await input_text(context(None, input_file_id="file_9"))
+    assert raised.value.code == "missing_input"
+    assert "file_9" in raised.value.message
+
+
+async def test_text_executors_read_their_input_file(tmp_path: Path) -> None:
+    path = tmp_path / "input"
+    path.write_text("0.05\n")
+    output = await Sleep().run(context(None, input_path=path))
+    assert json.loads(output.data) == {"slept_seconds": 0.05}
+    path.write_text("the file says no")
+    with pytest.raises(ExecutorError, match="the file says no"):
+        await Fail().run(context(None, input_path=path))
+    path.write_text('{"size": 0}')
+    with pytest.raises(ExecutorError) as raised:
+        await Matmul().run(context(None, input_path=path))
+    assert raised.value.code == "invalid_input"
+
+
+def test_an_output_is_bytes_or_a_file_not_both(tmp_path: Path) -> None:
+    assert Output(b"x").path is None
+    assert Output(path=tmp_path).data == b""
+    with pytest.raises(ValueError, match="not both"):
+        Output(b"x", path=tmp_path)
+
+
+async def test_cancelled_thread_work_is_stopped_before_the_caller_unwinds() -> None:
+    steps: list[int] = []
+    finished = threading.Event()
+
+    def work(stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                steps.append(len(steps))
+                time.sleep(0.01)
+            raise Stopped
+        finally:
+            finished.set()
+
+    task = asyncio.create_task(run_stoppable(work))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished.is_set(), "the thread ended before the cancelled call returned"
+    assert steps
+
+
+async def test_thread_work_returns_its_result() -> None:
+    assert await run_stoppable(lambda stop: 6 * 7) == 42
 
 
 # ---- sleep ---------------------------------------------------------------------
