@@ -66,9 +66,15 @@ def refuse_announced_excess(request: Request[Any, Any, Any], limit: int) -> None
 
 
 def media_type_of(value: str | None) -> str:
-    """A well-formed media type (parameters dropped), or application/octet-stream."""
+    """A well-formed media type (parameters dropped), or application/octet-stream.
+
+    application/x-www-form-urlencoded is what `curl --data-binary` sends unless told
+    otherwise; it never describes an uploaded file, so it counts as unknown too.
+    """
     bare = (value or "").split(";", 1)[0].strip().lower()
-    return bare if _MEDIA_TYPE.fullmatch(bare) else "application/octet-stream"
+    if bare == "application/x-www-form-urlencoded" or not _MEDIA_TYPE.fullmatch(bare):
+        return "application/octet-stream"
+    return bare
 
 
 def safe_filename(value: str | None) -> str | None:
