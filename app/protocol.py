@@ -9,7 +9,7 @@ Everything lives under one subject namespace, `jobledger` unless configured othe
     {prefix}.miners.{miner_id}.control       ledger -> miner   JetStream, work queue
     {prefix}.miners.{miner_id}.heartbeat     miner -> ledger   core NATS
     {prefix}.jobs.{job_id}.reports           miner -> ledger   JetStream, work queue
-    {prefix}.events.{job_id or miner_id}     ledger -> anyone  JetStream, limits
+    {prefix}.events.{job, file or miner id}  ledger -> anyone  JetStream, limits
     {prefix}.dead.{what}                     ledger -> people  JetStream, limits
 
 Messages the ledger sends are decoded leniently by miners (a newer ledger may add

@@ -33,8 +33,10 @@ from app.backoff import Backoff
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.protocol import Namespace
 from app.store import DATABASE_DOWN, JobLedger, event_type_name
+from domain.files import File, file_id_of
 from domain.jobs import Job, job_id_of
 from domain.miners import miner_id_of
+from projections.miners import MINER_EVENTS
 
 log = logging.getLogger("jobledger.relay")
 
@@ -59,10 +61,14 @@ _encode = msgspec.json.Encoder(decimal_format="string").encode
 
 
 def aggregate_id_of_event(event: Any) -> str:
-    """The public id (job_… or miner_…) of the aggregate an event belongs to."""
+    """The public id (job_…, file_… or miner_…) of the aggregate an event belongs to."""
     if isinstance(event, Job.Event | Job.Submitted):
         return job_id_of(event.originator_id)
-    return miner_id_of(event.originator_id)
+    if isinstance(event, File.Event | File.Uploaded):
+        return file_id_of(event.originator_id)
+    if isinstance(event, MINER_EVENTS):
+        return miner_id_of(event.originator_id)
+    raise TypeError(f"no public id for {type(event).__qualname__}: add its aggregate here")
 
 
 def relayed(position: int, event: Any) -> RelayedEvent:

@@ -19,7 +19,7 @@ from app.api import openapi
 from app.api.auth import allow
 from app.api.errors import LedgerResponse
 from app.api.files import BadUpload, refuse_announced_excess, too_large
-from app.api.jobs import services_of
+from app.api.jobs import require_blob, services_of
 from app.api.schemas import UploadResultResponse
 from app.api.transfer import body_chunks, parse_content_digest, stream_response
 from app.blobs import BlobTooLarge, DigestMismatch, Location, result_location
@@ -45,7 +45,7 @@ class AttemptController(Controller):
         guards=[allow(Role.MINER)],
         summary="Fetch the input of an attempt you hold",
         media_type="application/octet-stream",
-        responses=openapi.errors(401, 403, 404, 416, 429),
+        responses=openapi.errors(401, 403, 404, 410, 416, 429),
     )
     async def fetch_input(
         self, request: Request[Principal, Any, Any], state: State, job_id: str, attempt: int
@@ -68,6 +68,7 @@ class AttemptController(Controller):
             )
         assert facts.location is not None and facts.sha256 is not None  # a file input
         location = Location.parse(facts.location, services.settings.s3_allowed_buckets)
+        await require_blob(services.blobs, location, f"the input of job {job_id}")
         return stream_response(
             request_headers=request.headers,
             size=facts.size_bytes,

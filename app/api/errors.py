@@ -21,6 +21,7 @@ from litestar.status_codes import (
 from litestar.types import ExceptionHandlersMap
 
 from app.api.schemas import ErrorBody, ErrorDetail
+from app.blobs import BlobMissing, BlobUnavailable
 from domain.errors import (
     Conflict,
     DomainError,
@@ -140,8 +141,26 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 
+def handle_blob_unavailable(request: Request[Any, Any, Any], exc: BlobUnavailable) -> Response[Any]:
+    """Blob storage (a disk, S3) failed or cannot be reached: retry later, like the database."""
+    log.warning("blob storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        HTTP_503_SERVICE_UNAVAILABLE,
+        "the ledger's blob storage is unavailable; retry shortly",
+        headers={"Retry-After": "2"},
+    )
+
+
+def handle_blob_missing(request: Request[Any, Any, Any], exc: BlobMissing) -> Response[Any]:
+    """Bytes the ledger recorded are no longer where it put them (410)."""
+    log.error("recorded bytes missing on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(410, f"the bytes are gone: {exc}")
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: handle_http,
     DomainError: handle_domain,
+    BlobUnavailable: handle_blob_unavailable,
+    BlobMissing: handle_blob_missing,
     Exception: handle_unexpected,
 }

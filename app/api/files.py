@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CON
 from app.api import openapi
 from app.api.auth import allow, owner_filter
 from app.api.errors import LedgerResponse
-from app.api.jobs import READERS, services_of
+from app.api.jobs import READERS, require_blob, services_of
 from app.api.schemas import FileResponse
 from app.api.transfer import (
     MultipartError,
@@ -205,7 +205,7 @@ class FileController(Controller):
         guards=[allow(*READERS)],
         summary="An uploaded file's bytes",
         media_type="application/octet-stream",
-        responses=openapi.errors(401, 403, 404, 416, 429),
+        responses=openapi.errors(401, 403, 404, 410, 416, 429),
     )
     async def content(
         self, request: Request[Principal, Any, Any], state: State, file_id: str
@@ -215,6 +215,7 @@ class FileController(Controller):
         file_aggregate_id_of(file_id)
         facts = await services.run(services.ledger.file, file_id, owner=owner_filter(request.user))
         location = Location.parse(facts.location, services.settings.s3_allowed_buckets)
+        await require_blob(services.blobs, location, f"file {file_id}")
         return stream_response(
             request_headers=request.headers,
             size=facts.size_bytes,

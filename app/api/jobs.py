@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
 from litestar.openapi.spec import Example
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
@@ -32,7 +31,7 @@ from app.api.schemas import (
     SubmitJobResponse,
 )
 from app.api.transfer import stream_response
-from app.blobs import InvalidLocation, Location, check_destination
+from app.blobs import BlobMissing, Blobs, InvalidLocation, Location, check_destination
 from app.formats import EXTENSIONS, MEDIA_TYPES
 from app.keys import Principal, Role
 from app.services import Services
@@ -77,18 +76,6 @@ def status_view(row: JobRow, pending_reason: str | None = None) -> JobStatusResp
     )
 
 
-class ResultGone(HTTPException):
-    """The job completed, but its stored result bytes were removed since (410)."""
-
-    status_code = 410
-
-    def __init__(self, job_id: str, location: str) -> None:
-        super().__init__(
-            f"the result of job {job_id} was stored at {location}, which no longer holds it",
-            extra={"job_id": job_id, "location": location},
-        )
-
-
 def downloadable(result: dict[str, Any], allowed_buckets: frozenset[str]) -> Location | bytes:
     """Where a completed job's result bytes are: a stored location, or the inline bytes."""
     if result.get("storage") == "stored":
@@ -99,6 +86,12 @@ def downloadable(result: dict[str, Any], allowed_buckets: frozenset[str]) -> Loc
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def require_blob(blobs: Blobs, location: Location, what: str) -> None:
+    """BlobMissing (410) before any byte is sent if the recorded bytes are not there."""
+    if await blobs.stat(location) is None:
+        raise BlobMissing(f"{what} was stored at {location}, which no longer holds it")
 
 
 def encode_cursor(seq: int) -> str:
@@ -405,9 +398,7 @@ class JobController(Controller):
             )
         result = downloadable(row.result, services.settings.s3_allowed_buckets)
         if isinstance(result, Location):
-            info = await services.blobs.stat(result)
-            if info is None:
-                raise ResultGone(job_id, str(result))
+            await require_blob(services.blobs, result, f"the result of job {job_id}")
             location = result
 
             def chunks(start: int, end: int) -> AsyncIterator[bytes]:

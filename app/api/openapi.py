@@ -19,8 +19,9 @@ _ERRORS = {
         "cannot request_cancel job ...: it is completed",
     ),
     410: (
-        "gone: the stored result bytes were removed after the job completed",
-        "the result of job job_... was stored at s3://..., which no longer holds it",
+        "gone: the recorded bytes (a result or an input file) were removed from storage",
+        "the bytes are gone: the result of job job_... was stored at s3://..., which no "
+        "longer holds it",
     ),
     413: ("request body too large", "Request Entity Too Large"),
     416: ("the Range asked for lies outside the bytes", "range not satisfiable"),

@@ -296,6 +296,11 @@ def test_an_s3_destination_receives_the_result_at_its_documented_key(
     got = download(client, job_id)
     assert got.content == data and got.headers["etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
     assert download(client, job_id, Range="bytes=10-19").content == data[10:20]
+    # Bytes removed behind the ledger's back are reported as gone, before any byte is sent.
+    s3_server.client().delete_object(Bucket=BUCKET, Key=key)
+    gone = download(client, job_id)
+    assert gone.status_code == 410, gone.text
+    assert key in gone.json()["error"]["message"]
 
 
 def test_small_results_for_s3_are_stored_there_too(
