@@ -83,6 +83,7 @@ class AttemptController(Controller):
         guards=[allow(Role.MINER)],
         status_code=HTTP_201_CREATED,
         summary="Store the result of an attempt you hold",
+        operation_class=openapi.RawUpload,
         # Streamed into the blob store; the limit is JOBLEDGER_MAX_UPLOAD_BYTES.
         request_max_body_size=None,
         responses={

@@ -154,6 +154,7 @@ class FileController(Controller):
         guards=[allow(Role.CLIENT)],
         status_code=HTTP_201_CREATED,
         summary="Upload an input file",
+        operation_class=openapi.FileUpload,
         # Streamed into the blob store; the limit is JOBLEDGER_MAX_UPLOAD_BYTES, not the JSON one.
         request_max_body_size=None,
         responses={

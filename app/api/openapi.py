@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Example
+from litestar.openapi.spec import Example, OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
 from app.api.schemas import ErrorBody
 
@@ -158,3 +160,37 @@ FILE: dict[str, Any] = {
     "created_at": "2026-01-15T10:30:00Z",
     "used_by": None,
 }
+
+
+_BYTES = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+
+
+@dataclass
+class RawUpload(Operation):
+    """An operation whose body is the bytes themselves, read as a stream (not JSON)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True,
+            description="the bytes, streamed; at most JOBLEDGER_MAX_UPLOAD_BYTES",
+            content={"application/octet-stream": OpenAPIMediaType(schema=_BYTES)},
+        )
+
+
+@dataclass
+class FileUpload(Operation):
+    """POST /v1/files: the raw bytes, or a multipart form whose part `file` holds them."""
+
+    def __post_init__(self) -> None:
+        form = Schema(type=OpenAPIType.OBJECT, properties={"file": _BYTES}, required=["file"])
+        self.request_body = RequestBody(
+            required=True,
+            description=(
+                "the file, streamed: as the raw body (name it with ?filename=), or as the "
+                "multipart form part `file`; at most JOBLEDGER_MAX_UPLOAD_BYTES"
+            ),
+            content={
+                "application/octet-stream": OpenAPIMediaType(schema=_BYTES),
+                "multipart/form-data": OpenAPIMediaType(schema=form),
+            },
+        )

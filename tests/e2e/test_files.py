@@ -546,6 +546,7 @@ def test_one_gib_through_upload_job_and_download_keeps_server_memory_bounded(
         uploaded.update(answer.json())
 
     growth = rss_peak_growth(ledger.process.pid, send)
+    print(f"1 GiB upload: server peak RSS grew {growth / 1024**2:.1f} MiB")
     assert uploaded["size_bytes"] == GIB and uploaded["sha256"] == digest.hexdigest()
     assert growth < limit, f"the upload grew the server by {growth / 1024**2:.0f} MiB"
 
@@ -562,6 +563,9 @@ def test_one_gib_through_upload_job_and_download_keeps_server_memory_bounded(
         done.update(wait_status(client, job_id, {"completed", "failed"}, 600, logs(ledger, miner)))
 
     growth = rss_peak_growth(ledger.process.pid, run)
+    print(
+        f"1 GiB job (input fetch + result upload): server peak RSS grew {growth / 1024**2:.1f} MiB"
+    )
     assert done["status"] == "completed", done
     assert done["result"]["sha256"] == digest.hexdigest()
     assert growth < limit, f"serving the miner grew the server by {growth / 1024**2:.0f} MiB"
@@ -575,5 +579,6 @@ def test_one_gib_through_upload_job_and_download_keeps_server_memory_bounded(
                 received.update(chunk)
 
     growth = rss_peak_growth(ledger.process.pid, fetch)
+    print(f"1 GiB download: server peak RSS grew {growth / 1024**2:.1f} MiB")
     assert received.hexdigest() == digest.hexdigest()
     assert growth < limit, f"the download grew the server by {growth / 1024**2:.0f} MiB"

@@ -366,7 +366,13 @@ ROUTES: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/jobs"): {401, 422, 429},
     ("get", "/v1/jobs/{job_id}"): {401, 404, 429},
     ("delete", "/v1/jobs/{job_id}"): {401, 404, 409, 429},
-    ("get", "/v1/jobs/{job_id}/download"): {401, 404, 409, 429},
+    ("get", "/v1/jobs/{job_id}/download"): {401, 404, 409, 410, 416, 429, 503},
+    ("post", "/v1/files"): {400, 401, 403, 413, 422, 429, 503},
+    ("get", "/v1/files/{file_id}"): {401, 403, 404, 429},
+    ("get", "/v1/files/{file_id}/content"): {401, 403, 404, 410, 416, 429},
+    ("delete", "/v1/files/{file_id}"): {401, 403, 404, 409, 429},
+    ("get", "/v1/jobs/{job_id}/attempts/{attempt}/input"): {401, 403, 404, 410, 416, 429},
+    ("put", "/v1/jobs/{job_id}/attempts/{attempt}/result"): {400, 401, 403, 404, 413, 422, 503},
     ("get", "/v1/jobs/history"): {401, 422, 429},
     ("get", "/v1/jobs/{job_id}/events"): {401, 404, 429},
     ("post", "/v1/admin/keys"): {401, 422, 429},
@@ -411,6 +417,17 @@ def test_openapi_describes_every_route_with_its_error_answers(openapi: dict[str,
             error = resolve(openapi, schema["properties"]["error"])
             assert {"status", "message", "details"} <= set(error["properties"])
             assert {"status", "message"} <= set(error.get("required", []))
+
+
+def test_openapi_documents_streamed_upload_bodies(openapi: dict[str, Any]) -> None:
+    upload = openapi["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+    assert upload["application/octet-stream"]["schema"]["format"] == "binary"
+    assert "file" in upload["multipart/form-data"]["schema"]["properties"]
+    result = openapi["paths"]["/v1/jobs/{job_id}/attempts/{attempt}/result"]["put"]
+    assert "application/octet-stream" in result["requestBody"]["content"]
+    submit = resolve(openapi, openapi["components"]["schemas"]["SubmitJobRequest"])
+    kinds = submit["properties"]["input"]["oneOf"]
+    assert {"type": "string"} in kinds and any("$ref" in kind for kind in kinds)
 
 
 def test_openapi_documents_the_submit_body_with_the_seed_example(
