@@ -256,12 +256,13 @@ class JobLedger(Application[UUID]):
 
     def miner(self, miner_id: str) -> Miner:
         """A miner's current state; unknown ids are MinerNotFound."""
+        not_found = MinerNotFound(f"miner {miner_id!r} not found", details={"miner_id": miner_id})
         try:
-            miner: Miner = self.repository.get(miner_aggregate_id_of(miner_id))
+            miner: Aggregate = self.repository.get(miner_aggregate_id_of(miner_id))
         except AggregateNotFoundError:
-            raise MinerNotFound(
-                f"miner {miner_id!r} not found", details={"miner_id": miner_id}
-            ) from None
+            raise not_found from None
+        if not isinstance(miner, Miner):  # another aggregate's UUID spelt miner_…
+            raise not_found
         return miner
 
     def change_miner(self, miner_id: str, command: Callable[[Miner], None]) -> int:
@@ -401,12 +402,12 @@ class JobLedger(Application[UUID]):
 
     def _file(self, file_id: str, *, owner: str | None) -> File:
         try:
-            file: File = self.repository.get(file_aggregate_id_of(file_id))
+            file: Aggregate = self.repository.get(file_aggregate_id_of(file_id))
         except AggregateNotFoundError:
             raise FileNotFound(
                 f"file {file_id!r} not found", details={"file_id": file_id}
             ) from None
-        if owner is not None and file.owner != owner:
+        if not isinstance(file, File) or (owner is not None and file.owner != owner):
             raise FileNotFound(f"file {file_id!r} not found", details={"file_id": file_id})
         return file
 
@@ -497,10 +498,10 @@ class JobLedger(Application[UUID]):
 
     def _job(self, job_id: str, *, owner: str | None) -> Job:
         try:
-            job: Job = self.repository.get(aggregate_id_of(job_id))
+            job: Aggregate = self.repository.get(aggregate_id_of(job_id))
         except AggregateNotFoundError:
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id}) from None
-        if owner is not None and job.owner != owner:
+        if not isinstance(job, Job) or (owner is not None and job.owner != owner):
             # Someone else's job is indistinguishable from no job at all.
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
         return job
@@ -508,7 +509,12 @@ class JobLedger(Application[UUID]):
     def _owned_events(self, job_id: str, *, owner: str | None) -> Sequence[Any]:
         """The job's events in one read; none, or someone else's, is not found."""
         events: list[Any] = list(self.events.get(aggregate_id_of(job_id)))
-        if not events or (owner is not None and events[0].owner != owner):
+        # The id must be a job's: a file's or a miner's UUID spelt job_… is no job either.
+        if (
+            not events
+            or not isinstance(events[0], Job.Submitted)
+            or (owner is not None and events[0].owner != owner)
+        ):
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
         return events
 

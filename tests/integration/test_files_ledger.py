@@ -14,6 +14,7 @@ from domain.errors import (
     FileNotFound,
     InvalidJobRequest,
     JobNotFound,
+    NotFound,
 )
 from tests.integration.helpers import spec
 
@@ -182,3 +183,20 @@ def test_text_inputs_are_served_as_utf8(ledger: JobLedger) -> None:
     ledger.change_job(job_id, lambda job: job.assign("miner_a"))
     facts = ledger.attempt_input(job_id, miner_id="miner_a", attempt=1)
     assert (facts.text, facts.size_bytes, facts.location) == ("héllo", 6, None)
+
+
+def test_an_aggregate_id_spelt_as_another_kind_is_not_found(ledger: JobLedger) -> None:
+    """A file's UUID written as job_… (or a job's as file_…) names nothing."""
+    file = upload(ledger).file
+    job_id = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    as_job = "job_" + file.file_id.removeprefix("file_")
+    as_file = "file_" + job_id.removeprefix("job_")
+    for call in (
+        lambda: ledger.job_row(as_job, owner="alice"),
+        lambda: ledger.job_events(as_job, owner=None),
+        lambda: ledger.cancel(as_job, owner=None),
+        lambda: ledger.file(as_file, owner=None),
+        lambda: ledger.miner("miner_" + file.file_id.removeprefix("file_")),
+    ):
+        with pytest.raises(NotFound):
+            call()
