@@ -5,7 +5,9 @@ report is handled by one of them. A report is acknowledged only after its event 
 committed (or after deciding it changes nothing), so a crash redelivers it, and a
 redelivery is harmless: the domain refuses a second terminal event, and a report
 from a miner that does not hold the job's current attempt (the fencing token) is
-recorded as `JobReportRejected` and never applied.
+recorded as `JobReportRejected` and never applied. So is a completion from the holder
+whose signed receipt does not prove it, once the miner has registered a receipt key
+(app/receipts.py): the attempt keeps running and a valid completion may still come.
 
 What is never retried: a report that cannot be decoded, or names a job that does
 not exist, is copied to `{prefix}.dead.reports` with the reason and terminated.
@@ -36,9 +38,11 @@ from app.blobs import BlobInfo, Blobs, BlobUnavailable, InvalidLocation, Locatio
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.formats import FormatMismatch, check_bytes
 from app.protocol import Namespace
+from app.receipts import InvalidReceipt, check_claims, decode_public_key, verify_receipt
 from app.store import DATABASE_DOWN, JobLedger
-from domain.errors import ConcurrentChange, DomainError, InvalidTransition, NotFound
+from domain.errors import ConcurrentChange, DomainError, InvalidTransition, MinerNotFound, NotFound
 from domain.jobs import Job, JobStatus, RequeueCause
+from domain.miners import Miner
 from domain.pricing import price
 
 log = logging.getLogger("jobledger.ingestor")
@@ -60,7 +64,8 @@ class Outcome(StrEnum):
     APPLIED = "applied"
     # Nothing to do: a duplicate, a late report, or progress that does not move forward.
     IGNORED = "ignored"
-    # From a miner that does not hold the attempt: recorded as JobReportRejected.
+    # From a miner that does not hold the attempt, or a completion whose receipt proves
+    # nothing: recorded as JobReportRejected.
     REJECTED = "rejected"
 
 
@@ -167,15 +172,74 @@ def _check_inline(result: protocol.InlineResult, output_format: str) -> str | No
     return None
 
 
+# The miners whose completions a batch checks, loaded once per batch (None: no such miner).
+MinerCache = dict[str, Miner | None]
+
+
 def report_command(
-    ledger: JobLedger, report: protocol.Report, *, max_attempts: int, blobs: BlobFacts
+    ledger: JobLedger,
+    report: protocol.Report,
+    *,
+    max_attempts: int,
+    blobs: BlobFacts,
+    miners: MinerCache | None = None,
 ) -> Callable[[Job], Outcome]:
     """The command that turns one report into at most one event on its job."""
+    cache: MinerCache = {} if miners is None else miners
 
     def command(job: Job) -> Outcome:
-        return _decide(ledger, job, report, max_attempts, blobs)
+        return _decide(ledger, job, report, max_attempts, blobs, cache)
 
     return command
+
+
+def _miner(ledger: JobLedger, miner_id: str, cache: MinerCache) -> Miner | None:
+    """The miner as it is now (its receipt keys), loaded once per batch."""
+    if miner_id not in cache:
+        try:
+            cache[miner_id] = ledger.miner(miner_id)
+        except MinerNotFound:
+            cache[miner_id] = None
+    return cache[miner_id]
+
+
+def proven_receipt(
+    job: Job, report: protocol.Completed, miner: Miner | None
+) -> protocol.Receipt | None:
+    """The receipt to record with a completion; None from a miner that never registered a key.
+
+    InvalidReceipt when the completion needs a receipt and this one does not prove it:
+    missing, by a key of another miner or a revoked one, a bad signature, or claims
+    about another job, attempt, miner, result or metrics.
+    """
+    receipt = report.receipt
+    if miner is None or not miner.has_keys:
+        if receipt is not None:
+            raise InvalidReceipt(
+                f"it names key {receipt.key_id}, but miner {report.miner_id} registered no key"
+            )
+        return None  # an older agent: unsigned completions stay accepted
+    if receipt is None:
+        raise InvalidReceipt(
+            f"miner {report.miner_id} registered receipt keys, so its completions must be signed"
+        )
+    if receipt.key_id in miner.revoked_keys:
+        raise InvalidReceipt(f"key {receipt.key_id} of miner {report.miner_id} was revoked")
+    public_key = miner.keys.get(receipt.key_id)
+    if public_key is None:
+        raise InvalidReceipt(f"key {receipt.key_id} is not a key of miner {report.miner_id}")
+    claims = verify_receipt(receipt, decode_public_key(public_key))
+    check_claims(
+        claims,
+        job_id=job.job_id,
+        attempt=report.attempt,
+        miner_id=report.miner_id,
+        result_sha256=report.result.sha256,
+        result_size_bytes=report.result.size_bytes,
+    )
+    if claims.metrics != report.metrics:
+        raise InvalidReceipt("the receipt's metrics are not the report's")
+    return receipt
 
 
 def apply_reports(
@@ -190,8 +254,12 @@ def apply_reports(
     `blobs` holds what is at each stored result's location, looked up beforehand.
     """
     facts = blobs or {}
+    miners: MinerCache = {}
     commands = [
-        (job_id, report_command(ledger, report, max_attempts=max_attempts, blobs=facts))
+        (
+            job_id,
+            report_command(ledger, report, max_attempts=max_attempts, blobs=facts, miners=miners),
+        )
         for job_id, report in reports
     ]
     results, _ = ledger.change_jobs(commands)
@@ -240,7 +308,12 @@ async def look_up(blobs: Blobs, locations: Sequence[str], allowed: frozenset[str
 
 
 def _decide(
-    ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int, blobs: BlobFacts
+    ledger: JobLedger,
+    job: Job,
+    report: protocol.Report,
+    max_attempts: int,
+    blobs: BlobFacts,
+    miners: MinerCache,
 ) -> Outcome:
     if not job.holds(report.miner_id, report.attempt):
         if report.miner_id == job.miner_id and report.attempt == job.attempt:
@@ -255,15 +328,36 @@ def _decide(
         )
         return Outcome.REJECTED
     recorded = len(job.pending_events)  # earlier reports of a batch may have recorded some
+    receipt: protocol.Receipt | None = None
+    if isinstance(report, protocol.Completed):
+        # Checked before the result: a completion nobody can vouch for changes nothing,
+        # not even by failing the job.
+        try:
+            receipt = proven_receipt(job, report, _miner(ledger, report.miner_id, miners))
+        except InvalidReceipt as why:
+            job.reject_report(
+                miner_id=report.miner_id,
+                attempt=report.attempt,
+                kind=_kind(report),
+                reason=f"receipt: {why}",
+            )
+            if len(job.pending_events) > recorded:
+                log.warning("completion of %s refused: receipt: %s", job.job_id, why)
+            return Outcome.REJECTED
     try:
-        _apply(ledger, job, report, max_attempts, blobs)
+        _apply(ledger, job, report, max_attempts, blobs, receipt)
     except InvalidTransition:
         return Outcome.IGNORED  # e.g. a repeated "started", or progress while canceling
     return Outcome.APPLIED if len(job.pending_events) > recorded else Outcome.IGNORED
 
 
 def _apply(
-    ledger: JobLedger, job: Job, report: protocol.Report, max_attempts: int, blobs: BlobFacts
+    ledger: JobLedger,
+    job: Job,
+    report: protocol.Report,
+    max_attempts: int,
+    blobs: BlobFacts,
+    receipt: protocol.Receipt | None,
 ) -> None:
     attempt = report.attempt
     match report:
@@ -290,6 +384,7 @@ def _apply(
                     seconds=seconds,
                     priority=job.priority,
                 ),
+                receipt=protocol.to_builtins(receipt) if receipt is not None else None,
             )
         case protocol.Failed(error=error) if error.code == TIMED_OUT_CODE and _past_deadline(job):
             job.time_out()  # the miner noticed the deadline before the scheduler did

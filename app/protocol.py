@@ -19,6 +19,7 @@ is an error instead of silently lost data.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -347,6 +348,21 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     message: str
 
 
+class Receipt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A miner's signature over a completion's claims (app/receipts.py; docs/protocol.md, Receipts).
+
+    The signed bytes are `b"jobledger-receipt-v1\n"` and `claims` encoded UTF-8: the text as
+    sent, so a verifier never depends on re-encoding it.
+    """
+
+    # "ed25519:" and 32 hex digits of the SHA-256 of the raw public key, registered beforehand.
+    key_id: str
+    # ReceiptClaims as JSON text.
+    claims: str
+    # Standard base64 of the 64-byte Ed25519 signature.
+    signature: str
+
+
 class _Report(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"
 ):
@@ -370,6 +386,8 @@ class Completed(_Report, frozen=True, tag="completed"):
 
     result: InlineResult | StoredResult
     metrics: Metrics
+    # Required from a miner that registered a receipt key; older agents send none.
+    receipt: Receipt | None = None
 
 
 class Failed(_Report, frozen=True, tag="failed"):
@@ -393,10 +411,17 @@ Report = Started | Progress | Completed | Failed | Canceled | Released
 
 
 def report_msg_id(job_id: str, report: Report) -> str:
-    """The Nats-Msg-Id of a report: one per (job, attempt, kind), and per percent for progress."""
+    """The Nats-Msg-Id of a report: one per (job, attempt, kind), and per percent for progress.
+
+    A signed completion adds 16 hex digits of its signature's SHA-256: a forged or refused
+    completion cannot take the id of the genuine one, and a retry of the same one keeps it.
+    """
     kind = type(report).__struct_config__.tag
     if isinstance(report, Progress):
         return f"{job_id}:{report.attempt}:progress:{report.progress}"
+    if isinstance(report, Completed) and report.receipt is not None:
+        mark = hashlib.sha256(report.receipt.signature.encode("utf-8")).hexdigest()[:16]
+        return f"{job_id}:{report.attempt}:completed:{mark}"
     return f"{job_id}:{report.attempt}:{kind}"
 
 

@@ -35,8 +35,7 @@ from app.protocol import Namespace
 from app.store import DATABASE_DOWN, JobLedger, event_type_name
 from domain.files import File, file_id_of
 from domain.jobs import Job, job_id_of
-from domain.miners import miner_id_of
-from projections.miners import MINER_EVENTS
+from domain.miners import MINER_AGGREGATE_EVENTS, miner_id_of
 
 log = logging.getLogger("jobledger.relay")
 
@@ -66,7 +65,7 @@ def aggregate_id_of_event(event: Any) -> str:
         return job_id_of(event.originator_id)
     if isinstance(event, File.Event | File.Uploaded):
         return file_id_of(event.originator_id)
-    if isinstance(event, MINER_EVENTS):
+    if isinstance(event, MINER_AGGREGATE_EVENTS):
         return miner_id_of(event.originator_id)
     raise TypeError(f"no public id for {type(event).__qualname__}: add its aggregate here")
 

@@ -210,6 +210,9 @@ class Job(Aggregate):
         metrics: dict[str, Any]
         gpu_seconds: Decimal
         cost: Decimal
+        # The miner's signed receipt (protocol.Receipt as builtins), checked before this was
+        # recorded (added after the first release: unsigned completions and old events read None).
+        receipt: dict[str, Any] | None = None
 
         def record_on(self, job: Job) -> None:
             job.progress = 100
@@ -420,6 +423,7 @@ class Job(Aggregate):
         metrics: dict[str, Any],
         gpu_seconds: Decimal,
         cost: Decimal,
+        receipt: dict[str, Any] | None = None,
     ) -> None:
         """The current attempt produced its result; the job is charged `cost`."""
         self._require("complete", attempt=attempt)
@@ -434,6 +438,7 @@ class Job(Aggregate):
             metrics=metrics,
             gpu_seconds=gpu_seconds,
             cost=cost,
+            receipt=receipt,
         )
 
     def fail(self, *, attempt: int, error: str, error_code: str = "failed") -> None:

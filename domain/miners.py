@@ -10,11 +10,19 @@ from uuid import UUID
 import msgspec
 from eventsourcing.domain import Aggregate
 
-from domain.errors import Conflict, InvalidJobRequest, MinerNotFound
+from domain.errors import Conflict, InvalidJobRequest, MinerNotFound, NotFound
 from domain.gpus import normalize_gpu_type
 
 MINER_ID_PREFIX = "miner_"
 _MINER_ID = re.compile(r"miner_[0-9a-f]{32}")
+# A receipt key's id as app/receipts.py computes it: "ed25519:" and 32 hex digits.
+_RECEIPT_KEY_ID = re.compile(r"ed25519:[0-9a-f]{32}")
+# Standard base64 of a raw 32-byte Ed25519 public key: 44 characters ending in one "=".
+_RECEIPT_PUBLIC_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")
+
+
+class ReceiptKeyNotFound(NotFound):
+    """The miner never registered a receipt key with that id (HTTP 404)."""
 
 
 def miner_id_of(aggregate_id: UUID) -> str:
@@ -94,6 +102,31 @@ class Miner(Aggregate):
             miner: Miner = aggregate
             miner.active = False
 
+    class KeyRegistered(Aggregate.Event):
+        """The miner will sign its completions' receipts with this Ed25519 key."""
+
+        key_id: str
+        # Standard base64 of the raw 32-byte public key.
+        public_key: str
+
+        def apply(self, aggregate: Any) -> None:
+            """Trust the key for the miner's receipts from now on."""
+            miner: Miner = aggregate
+            miner.keys[self.key_id] = self.public_key
+            miner.registered_keys[self.key_id] = self.public_key
+
+    class KeyRevoked(Aggregate.Event):
+        """Receipts signed with this key are refused from now on; it never comes back."""
+
+        key_id: str
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            """Stop trusting the key for good."""
+            miner: Miner = aggregate
+            miner.keys.pop(self.key_id, None)
+            miner.revoked_keys.add(self.key_id)
+
     def __init__(
         self,
         *,
@@ -115,6 +148,11 @@ class Miner(Aggregate):
             max_concurrent=max_concurrent,
         )
         self.active = True
+        # Receipt keys: the active ones (key id -> base64 public key), the revoked ids,
+        # and every key ever registered, in registration order (for listing).
+        self.keys: dict[str, str] = {}
+        self.revoked_keys: set[str] = set()
+        self.registered_keys: dict[str, str] = {}
 
     @classmethod
     def register(cls, name: str, capabilities: Capabilities) -> Miner:
@@ -138,6 +176,63 @@ class Miner(Aggregate):
         self._require_active("deregister")
         self.trigger_event(self.Deregistered, reason=reason)
 
+    @property
+    def has_keys(self) -> bool:
+        """True once the miner registered any receipt key: its completions must carry receipts."""
+        return bool(self.registered_keys)
+
+    def register_key(self, key_id: str, public_key: str) -> None:
+        """Trust a receipt key; an active key again records nothing, a revoked one is refused."""
+        self._require_active("register a key for")
+        if not _RECEIPT_KEY_ID.fullmatch(key_id):
+            raise InvalidJobRequest(
+                f"a receipt key id is 'ed25519:' and 32 hex digits, not {key_id!r}",
+                details={"field": "key_id"},
+            )
+        if not _RECEIPT_PUBLIC_KEY.fullmatch(public_key):
+            raise InvalidJobRequest(
+                "a receipt public key is the standard base64 of 32 raw bytes",
+                details={"field": "public_key"},
+            )
+        if key_id in self.revoked_keys:
+            raise Conflict(
+                f"key {key_id} of miner {self.miner_id} was revoked and cannot be registered "
+                "again; make a new key",
+                details={"key_id": key_id},
+            )
+        if key_id in self.keys:
+            if self.keys[key_id] != public_key:
+                raise Conflict(
+                    f"key {key_id} of miner {self.miner_id} is registered with another public key",
+                    details={"key_id": key_id},
+                )
+            return
+        self.trigger_event(self.KeyRegistered, key_id=key_id, public_key=public_key)
+
+    def revoke_key(self, key_id: str, reason: str) -> None:
+        """Stop trusting a receipt key for good; revoking it again records nothing.
+
+        Allowed after deregistration too: withdrawing trust is always safe.
+        """
+        if key_id in self.revoked_keys:
+            return
+        if key_id not in self.keys:
+            raise ReceiptKeyNotFound(
+                f"miner {self.miner_id} has no receipt key {key_id!r}",
+                details={"miner_id": self.miner_id, "key_id": key_id},
+            )
+        self.trigger_event(self.KeyRevoked, key_id=key_id, reason=reason)
+
     def _require_active(self, command: str) -> None:
         if not self.active:
             raise Conflict(f"cannot {command} miner {self.miner_id}: it is deregistered")
+
+
+# Every event class of the Miner aggregate, for consumers that route events by aggregate.
+MINER_AGGREGATE_EVENTS = (
+    Miner.Registered,
+    Miner.CapabilitiesUpdated,
+    Miner.Deregistered,
+    Miner.KeyRegistered,
+    Miner.KeyRevoked,
+)

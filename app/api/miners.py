@@ -1,4 +1,8 @@
-"""The miner registry: admins register and retire miners; each miner manages and reads itself."""
+"""The miner registry: admins register and retire miners; each miner manages and reads itself.
+
+A miner also registers here the Ed25519 keys that sign its completions' receipts
+(app/receipts.py); the keys are read from the miner's own events, never from a view.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,14 @@ from app.api.schemas import (
     MinerListResponse,
     MinerResponse,
     MinerStatsResponse,
+    ReceiptKeyListResponse,
+    ReceiptKeyResponse,
     RegisterMinerRequest,
     RegisterMinerResponse,
+    RegisterReceiptKeyRequest,
 )
 from app.keys import MAX_NAME_LENGTH, Principal, Role
+from app.receipts import InvalidReceipt, decode_public_key, encode_public_key, key_id_of
 from app.services import Services
 from domain.errors import InvalidJobRequest, MinerNotFound
 from domain.gpus import normalize_gpu_type
@@ -37,6 +45,7 @@ MAX_PAGE = 100
 MAX_PRICE_PER_HOUR = Decimal(1_000_000)
 _STRICT_REGISTER = msgspec.json.Decoder(RegisterMinerRequest)
 _STRICT_CAPABILITIES = msgspec.json.Decoder(MinerCapabilities)
+_STRICT_RECEIPT_KEY = msgspec.json.Decoder(RegisterReceiptKeyRequest)
 T = TypeVar("T")
 
 
@@ -119,6 +128,15 @@ def stats_view(stats: MinerStats) -> MinerStatsResponse:
         earnings=to_money(stats.earnings),
         earnings_per_gpu_hour=stats.earnings_per_gpu_hour,
         gpu_seconds=stats.gpu_seconds,
+    )
+
+
+def receipt_key_view(miner: Miner, key_id: str) -> ReceiptKeyResponse:
+    """The public shape of one of a miner's receipt keys."""
+    return ReceiptKeyResponse(
+        key_id=key_id,
+        public_key=miner.registered_keys[key_id],
+        status="revoked" if key_id in miner.revoked_keys else "active",
     )
 
 
@@ -344,3 +362,98 @@ class MinerController(Controller):
         await load_view(services, miner_id)
         found = await services.miners.stats(miner_id)
         return stats_view(found or MinerStats(miner_id=miner_id))
+
+    @post(
+        "/{miner_id:str}/keys",
+        guards=[allow(*MINER_WRITERS)],
+        status_code=HTTP_201_CREATED,
+        summary="Register a receipt key",
+        responses={
+            201: openapi.response(
+                ReceiptKeyResponse, "the key, now trusted for receipts", openapi.RECEIPT_KEY
+            ),
+            200: openapi.response(
+                ReceiptKeyResponse, "the key was already active; nothing changed"
+            ),
+            **openapi.errors(401, 403, 404, 409, 413, 422, 429),
+        },
+    )
+    async def register_key(
+        self,
+        request: Request[Principal, Any, Any],
+        state: State,
+        miner_id: str,
+        data: Annotated[
+            RegisterReceiptKeyRequest,
+            Body(examples=[Example(summary="an Ed25519 key", value=openapi.REGISTER_RECEIPT_KEY)]),
+        ],
+    ) -> Response[ReceiptKeyResponse]:
+        """Trust an Ed25519 public key for the miner's receipts; from then on they are required.
+
+        Registering an active key again changes nothing (200); a revoked key never comes
+        back (409): make a new one.
+        """
+        require_access(request.user, miner_id)
+        services = services_of(state)
+        body = decode_strictly(_STRICT_RECEIPT_KEY, await request.body())
+        try:
+            raw = decode_public_key(body.public_key)
+        except InvalidReceipt as why:
+            raise invalid("public_key", str(why)) from None
+        key_id, public_key = key_id_of(raw), encode_public_key(raw)
+        created: list[bool] = []
+
+        def register(miner: Miner) -> None:
+            created.append(key_id not in miner.keys)  # the last attempt is the one saved
+            miner.register_key(key_id, public_key)
+
+        miner, _ = await change(services, miner_id, register)
+        status = HTTP_201_CREATED if created[-1] else HTTP_200_OK
+        return LedgerResponse(receipt_key_view(miner, key_id), status_code=status)
+
+    @get(
+        "/{miner_id:str}/keys",
+        guards=[allow(*MINER_READERS)],
+        summary="A miner's receipt keys",
+        responses={
+            200: openapi.response(
+                ReceiptKeyListResponse, "every key, oldest first", openapi.RECEIPT_KEYS
+            ),
+            **openapi.errors(401, 403, 404, 429),
+        },
+    )
+    async def keys(
+        self, request: Request[Principal, Any, Any], state: State, miner_id: str
+    ) -> ReceiptKeyListResponse:
+        """Every receipt key the miner registered, active or revoked, from its own events."""
+        require_access(request.user, miner_id)
+        services = services_of(state)
+        miner = await services.run(services.ledger.miner, miner_id)
+        return ReceiptKeyListResponse(
+            keys=[receipt_key_view(miner, key_id) for key_id in miner.registered_keys]
+        )
+
+    @delete(
+        "/{miner_id:str}/keys/{key_id:str}",
+        guards=[allow(*MINER_WRITERS)],
+        status_code=HTTP_200_OK,
+        summary="Revoke a receipt key",
+        responses={
+            200: openapi.response(
+                ReceiptKeyResponse, "the key, now revoked", openapi.RECEIPT_KEY_REVOKED
+            ),
+            **openapi.errors(401, 403, 404, 429),
+        },
+    )
+    async def revoke_key(
+        self, request: Request[Principal, Any, Any], state: State, miner_id: str, key_id: str
+    ) -> ReceiptKeyResponse:
+        """Refuse the key's receipts from now on, for good; revoking it again changes nothing.
+
+        Completions already recorded keep their receipts: they were valid when accepted.
+        """
+        require_access(request.user, miner_id)
+        services = services_of(state)
+        reason = f"revoked by {request.user.name}"
+        miner, _ = await change(services, miner_id, lambda miner: miner.revoke_key(key_id, reason))
+        return receipt_key_view(miner, key_id)

@@ -194,3 +194,14 @@ class FileUpload(Operation):
                 "multipart/form-data": OpenAPIMediaType(schema=form),
             },
         )
+
+
+# Receipt keys: the key of the private key bytes 0..31, a well-known test value.
+RECEIPT_KEY: dict[str, Any] = {
+    "key_id": "ed25519:56475aa75463474c0285df5dbf2bcab7",
+    "public_key": "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
+    "status": "active",
+}
+REGISTER_RECEIPT_KEY: dict[str, Any] = {"public_key": RECEIPT_KEY["public_key"]}
+RECEIPT_KEY_REVOKED: dict[str, Any] = RECEIPT_KEY | {"status": "revoked"}
+RECEIPT_KEYS: dict[str, Any] = {"keys": [RECEIPT_KEY]}

@@ -317,3 +317,34 @@ class UploadResultResponse(msgspec.Struct, kw_only=True):
     size_bytes: int
     sha256: str
     content_type: str
+
+
+ReceiptKeyStatus = Literal["active", "revoked"]
+
+
+class RegisterReceiptKeyRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /v1/miners/{miner_id}/keys: a public key the miner will sign its receipts with."""
+
+    public_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=100,
+            description="standard base64 of the raw 32-byte Ed25519 public key",
+            examples=["A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="],
+        ),
+    ]
+
+
+class ReceiptKeyResponse(msgspec.Struct, kw_only=True):
+    """A miner's receipt key; a revoked key is listed, but its receipts are refused."""
+
+    key_id: str
+    public_key: str
+    status: ReceiptKeyStatus
+
+
+class ReceiptKeyListResponse(msgspec.Struct, kw_only=True):
+    """Every receipt key the miner registered, oldest first."""
+
+    keys: list[ReceiptKeyResponse]

@@ -5,12 +5,15 @@ Lifecycle (docs/protocol.md has the wire details):
 1. Learn who it is: `GET /v1/miners/me` with its miner key (retried until the API answers).
 2. Describe its hardware: GPUs from NVML, or the pseudo type it was told to offer;
    `PUT /v1/miners/{id}` when that differs from what the ledger has.
+   Make sure its receipt key is registered and active (`GET`, else `POST
+   /v1/miners/{id}/keys`): the Ed25519 key, kept in a PEM file, that signs every completion.
 3. Pull assignments from its durable JetStream consumer, never more than it has free
    slots for; acknowledge each once it is held (listed in heartbeats), then run it.
 4. Report started; fetch the input file over HTTP if the job has one; run the executor;
    report progress (at most once a second, only forward); package the output in the
    job's format and deliver it (inline for small local results, else uploaded); report
-   completed or failed. Reports go to JetStream with a Nats-Msg-Id, retried until stored.
+   completed (with a signed receipt) or failed. Reports go to JetStream with a
+   Nats-Msg-Id, retried until stored.
 5. Heartbeat every few seconds with what it holds; obey cancel orders from control.
 6. On SIGTERM, drain: take nothing new, let running attempts finish for a while,
    then hand back (report `released`) what is still running, and exit.
@@ -23,6 +26,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -36,12 +40,19 @@ from typing import Any
 import httpx
 import msgspec
 import nats
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from app import protocol
+from app import protocol, receipts
 from app.bus import NATS_DOWN
 from app.gpu import GpuProbe, GpuUsage, UsageSampler
 from app.miner import transfer
@@ -88,6 +99,64 @@ class AgentConfig:
     # Where attempts keep their input, output and packaged result: large files go here.
     # Each miner uses work_dir/<miner_id>, emptied at start.
     work_dir: Path
+    # Where the receipt signing key lives, as <dir>/<miner_id>.ed25519 (None: work_dir/keys).
+    receipt_key_dir: Path | None = None
+
+
+RECEIPT_KEY_SUFFIX = ".ed25519"
+
+
+def receipt_key_path(config: AgentConfig, miner_id: str) -> Path:
+    """The PEM file of a miner's receipt key; never inside the directory emptied at start."""
+    directory = config.receipt_key_dir or config.work_dir / "keys"
+    return directory / f"{miner_id}{RECEIPT_KEY_SUFFIX}"
+
+
+def load_or_create_receipt_key(path: Path) -> Ed25519PrivateKey:
+    """The receipt key in `path` (PKCS8 PEM); a new one, written with mode 0600, if none is."""
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        return _create_receipt_key(path)
+    return _receipt_key_from(pem, path)
+
+
+def _create_receipt_key(path: Path) -> Ed25519PrivateKey:
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Written whole under a private name, then linked into place: never half a key, and
+    # an agent of the same miner starting at the same moment keeps the one that won.
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask
+            file.write(pem)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(partial, path)
+    except FileExistsError:
+        return _receipt_key_from(path.read_bytes(), path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("created receipt key %s", path)
+    return key
+
+
+def _receipt_key_from(pem: bytes, path: Path) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as error:
+        raise AgentError(
+            f"{path} is not an unencrypted PEM private key ({error}); "
+            "delete it to make a new receipt key"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AgentError(f"{path} holds a {type(key).__name__}, not an Ed25519 key; delete it")
+    if path.stat().st_mode & 0o077:
+        log.warning("receipt key %s is readable by other users; chmod 600 it", path)
+    return key
 
 
 def offered_capabilities(
@@ -157,6 +226,8 @@ class AttemptRunner:
     probe: GpuProbe | None = None
     progress_interval_seconds: float = 1.0
     transfer_retry_seconds: float = transfer.FIRST_RETRY_SECONDS
+    # Signs each completion's receipt; None sends completions unsigned (a miner without keys).
+    receipt_key: Ed25519PrivateKey | None = None
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt and report its end; stopped, it reports canceled or released.
@@ -223,9 +294,11 @@ class AttemptRunner:
             progress=_progress_setter(attempt),
         )
         await asyncio.to_thread(sampler.start)
+        started_at = datetime.now(UTC)
         attempt.began = time.monotonic()
         outcome = await _outcome(executor.run(context), deadline - loop.time())
         elapsed = time.monotonic() - attempt.began
+        finished_at = datetime.now(UTC)
         usage = await asyncio.to_thread(sampler.stop)
         metrics = _metrics(assignment, elapsed, usage)
         if isinstance(outcome, ExecutorError):
@@ -237,12 +310,26 @@ class AttemptRunner:
             return None
         except ExecutorError as error:
             return self._failed(number, error, metrics)
+        receipt = None
+        if self.receipt_key is not None:
+            claims = receipts.ReceiptClaims(
+                job_id=job_id,
+                attempt=number,
+                miner_id=self.miner_id,
+                result_sha256=result.sha256,
+                result_size_bytes=result.size_bytes,
+                metrics=metrics,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
+            receipt = receipts.sign_claims(self.receipt_key, claims)
         return protocol.Completed(
             miner_id=self.miner_id,
             attempt=number,
             at=datetime.now(UTC),
             result=result,
             metrics=metrics,
+            receipt=receipt,
         )
 
     async def _fetch_input(
@@ -485,11 +572,44 @@ class MinerAgent:
         self.max_concurrent = wanted.max_concurrent
         return wanted
 
+    async def receipt_key(self, api: httpx.AsyncClient) -> Ed25519PrivateKey:
+        """Our receipt key, from its file (made if missing), registered and active in the ledger."""
+        path = receipt_key_path(self._config, self.miner_id)
+        key = await asyncio.to_thread(load_or_create_receipt_key, path)
+        raw = receipts.raw_public_key(key)
+        key_id = receipts.key_id_of(raw)
+        route = f"/v1/miners/{self.miner_id}/keys"
+        listed = await _until_answered(lambda: api.get(route))
+        if listed.status_code != 200:
+            raise AgentError(f"GET {route} answered {listed.status_code}: {listed.text}")
+        statuses = {str(k["key_id"]): str(k["status"]) for k in listed.json()["keys"]}
+        if statuses.get(key_id) == "active":
+            log.info("receipt key %s is registered (%s)", key_id, path)
+            return key
+        answer = await _until_answered(
+            lambda: api.post(route, json={"public_key": receipts.encode_public_key(raw)})
+        )
+        if answer.status_code == 409:
+            log.error(
+                "the ledger refuses receipt key %s: %s", key_id, transfer.error_message(answer)
+            )
+            raise AgentError(
+                f"receipt key {key_id} of miner {self.miner_id} was revoked; delete {path} "
+                "to make a new one, then start the miner again"
+            )
+        if answer.status_code not in (200, 201):
+            raise AgentError(
+                f"could not register receipt key {key_id}: {transfer.error_message(answer)}"
+            )
+        log.info("receipt key %s registered (%s)", key_id, path)
+        return key
+
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain and return."""
         # One HTTP client for the agent's lifetime: registration, inputs and results.
         async with transfer.api_client(self._config.api_url, self._config.key) as api:
             await self.register(api)
+            receipt_key = await self.receipt_key(api)
             work_dir = self._config.work_dir / self.miner_id
             await asyncio.to_thread(clear_work_dir, work_dir)
             self._runner = AttemptRunner(
@@ -500,6 +620,7 @@ class MinerAgent:
                 work_dir=work_dir,
                 probe=self._probe,
                 progress_interval_seconds=self._config.progress_interval_seconds,
+                receipt_key=receipt_key,
             )
             await self._work(stop)
 

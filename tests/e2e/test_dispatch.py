@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from app import protocol
+from app.receipts import check_claims, decode_public_key, verify_receipt
 from tests.e2e.conftest import Served
 from tests.e2e.dispatch import (
     Miner,
@@ -87,6 +90,62 @@ def test_the_seed_loop_echo_job_completes_with_its_result(
         "JobCompleted",
     ]
     miner.stop()
+
+
+def test_a_miners_completion_is_signed_by_the_key_it_registered(
+    ledger: Served, client: httpx.Client, miners: Callable[..., Miner], nats_url: str
+) -> None:
+    miner = miners(ledger, nats_url, "cpu")
+    job_id = submit(client, "echo", "signed and delivered")
+    wait_status(client, job_id, {"completed"}, on_fail=logs(ledger, miner))
+
+    listed = ledger.client(miner.key).get(f"/v1/miners/{miner.miner_id}/keys")
+    assert listed.status_code == 200, listed.text
+    [key] = listed.json()["keys"]
+    assert key["status"] == "active"
+    [done] = [e["data"] for e in events(client, job_id) if e["type"] == "JobCompleted"]
+    receipt = msgspec.convert(done["receipt"], protocol.Receipt)
+    assert receipt.key_id == key["key_id"]
+    claims = verify_receipt(receipt, decode_public_key(key["public_key"]))
+    check_claims(
+        claims,
+        job_id=job_id,
+        attempt=done["attempt"],
+        miner_id=miner.miner_id,
+        result_sha256=done["result"]["sha256"],
+        result_size_bytes=done["result"]["size_bytes"],
+    )
+    assert msgspec.to_builtins(claims.metrics) == done["metrics"]
+    key_file = (
+        miner.log_path.parent
+        / f"miner-home-{miner.miner_id}"
+        / "miner-work"
+        / "keys"
+        / f"{miner.miner_id}.ed25519"
+    )
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert miner.stop() == 0
+
+    # The key routes: registering an active key again changes nothing; garbage is a 422.
+    routes = f"/v1/miners/{miner.miner_id}/keys"
+    own = ledger.client(miner.key)
+    again = own.post(routes, json={"public_key": key["public_key"]})
+    assert (again.status_code, again.json()) == (200, key)
+    garbage = own.post(routes, json={"public_key": "bm90IGEga2V5"})
+    assert garbage.status_code == 422 and "public_key" in garbage.text
+    assert ledger.client(ledger.new_key("auditor")).get(routes).json() == {"keys": [key]}
+    assert ledger.client(ledger.new_key("client")).get(routes).status_code == 403
+    assert own.delete(f"{routes}/ed25519:{'0' * 32}").status_code == 404
+
+    # Revoked, the key is refused: the restarted agent says which file to delete, and exits.
+    revoked = ledger.client(ledger.admin_key).delete(f"{routes}/{key['key_id']}")
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json() == key | {"status": "revoked"}
+    assert own.post(routes, json={"public_key": key["public_key"]}).status_code == 409
+    restarted = miners(ledger, nats_url, "cpu", key=(miner.miner_id, miner.key))
+    assert restarted.process is not None
+    assert restarted.process.wait(60) == 2
+    assert f"delete {key_file}" in restarted.log()
 
 
 def test_each_miner_receives_only_jobs_matching_its_gpu_type(

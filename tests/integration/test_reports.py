@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app import protocol
 from app.ingestor import Outcome, apply_report, billed_seconds
+from app.receipts import encode_public_key, key_id_of, raw_public_key
 from app.store import JobLedger, postgres_env
 from domain.errors import JobNotFound, NotFound
 from domain.jobs import RequeueCause
@@ -427,3 +429,27 @@ def test_shuffled_and_tripled_reports_end_in_one_completion(scene: Scene) -> Non
     assert scene.terminal_events() == ["JobCompleted"]
     # Nothing after the completion was applied: no start, no progress, no rejection.
     assert scene.event_types() == ["JobSubmitted", "JobAssigned", "JobCompleted"]
+
+
+def test_fencing_comes_before_receipts(scene: Scene) -> None:
+    """A non-holder is refused for not holding the attempt, signed or not."""
+    raw = raw_public_key(Ed25519PrivateKey.generate())
+    for miner_id in (scene.miner, scene.other):
+        scene.ledger.change_miner(
+            miner_id, lambda miner: miner.register_key(key_id_of(raw), encode_public_key(raw))
+        )
+    assert scene.report(completed(scene.other)) is Outcome.REJECTED
+    [rejection] = [
+        e.data
+        for e in scene.ledger.job_events(scene.job_id, owner=None)
+        if e.type == "JobReportRejected"
+    ]
+    assert rejection["reason"] == f"job is on attempt 1 held by {scene.miner}"
+    # The holder's unsigned completion is refused for its missing receipt instead.
+    assert scene.report(completed(scene.miner)) is Outcome.REJECTED
+    reasons = [
+        e.data["reason"]
+        for e in scene.ledger.job_events(scene.job_id, owner=None)
+        if e.type == "JobReportRejected"
+    ]
+    assert reasons[-1].startswith("receipt: ") and scene.status() == "assigned"

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app import protocol
 from app.miner.agent import (
@@ -26,9 +28,12 @@ from app.miner.agent import (
     AgentError,
     Attempt,
     AttemptRunner,
+    MinerAgent,
     clear_work_dir,
     inline_result,
+    load_or_create_receipt_key,
     offered_capabilities,
+    receipt_key_path,
     travels_inline,
 )
 from app.miner.executors import (
@@ -37,6 +42,13 @@ from app.miner.executors import (
     ExecutorRegistry,
     Output,
     Sha256,
+)
+from app.receipts import (
+    check_claims,
+    encode_public_key,
+    key_id_of,
+    raw_public_key,
+    verify_receipt,
 )
 
 REGISTERED = {"location": "lab", "price_per_hour": 2.5, "max_concurrent": 3}
@@ -268,7 +280,9 @@ class Crash:
 class Scene:
     """One AttemptRunner wired to a fake ledger, with the reports it sent."""
 
-    def __init__(self, handler: Handler, work_dir: Path) -> None:
+    def __init__(
+        self, handler: Handler, work_dir: Path, key: Ed25519PrivateKey | None = None
+    ) -> None:
         self.ledger = Ledger(handler)
         self.reports: list[protocol.Report] = []
         self.work_dir = work_dir
@@ -291,6 +305,7 @@ class Scene:
             report=self.report,
             work_dir=work_dir,
             transfer_retry_seconds=0.01,
+            receipt_key=key,
         )
 
     async def report(self, job_id: str, report: protocol.Report) -> None:
@@ -548,3 +563,135 @@ def test_leftovers_of_earlier_runs_are_cleared(tmp_path: Path) -> None:
     assert list(work_dir.iterdir()) == []
     clear_work_dir(tmp_path / "new")
     assert (tmp_path / "new").is_dir()
+
+
+# ---- receipts ------------------------------------------------------------------------
+
+
+def verified_receipt(report: protocol.Completed, key: Ed25519PrivateKey) -> None:
+    """The completion's receipt verifies with `key` and vouches for exactly this report."""
+    assert report.receipt is not None
+    claims = verify_receipt(report.receipt, raw_public_key(key))
+    check_claims(
+        claims,
+        job_id=JOB,
+        attempt=report.attempt,
+        miner_id=report.miner_id,
+        result_sha256=report.result.sha256,
+        result_size_bytes=report.result.size_bytes,
+    )
+    assert claims.metrics == report.metrics
+    assert claims.started_at <= claims.finished_at <= report.at
+    assert claims.started_at.tzinfo is not None
+
+
+async def test_a_completion_carries_a_receipt_that_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    scene = Scene(nothing, tmp_path, key)
+    report = completed(await scene.run(assignment(input="héllo")))
+    assert isinstance(report.result, protocol.InlineResult)
+    verified_receipt(report, key)
+    # What travels is what verifies: the receipt survives the wire unchanged.
+    decoded = protocol.report_decoder.decode(protocol.encoder.encode(report))
+    assert decoded == report
+
+
+async def test_a_stored_results_completion_carries_a_receipt_that_verifies(
+    tmp_path: Path,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    scene = Scene(serve_input(b""), tmp_path, key)
+    report = completed(await scene.run(assignment(input="héllo", destination="s3://b/out")))
+    assert isinstance(report.result, protocol.StoredResult)
+    verified_receipt(report, key)
+
+
+async def test_without_a_key_completions_go_unsigned(tmp_path: Path) -> None:
+    report = completed(await Scene(nothing, tmp_path).run(assignment()))
+    assert report.receipt is None
+
+
+def test_the_receipt_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "keys" / "miner_x.ed25519"
+    key = load_or_create_receipt_key(path)
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no partial file is left"
+    again = load_or_create_receipt_key(path)
+    assert raw_public_key(again) == raw_public_key(key)
+
+
+def test_a_key_file_that_is_not_an_ed25519_key_stops_the_agent(tmp_path: Path) -> None:
+    path = tmp_path / "miner_x.ed25519"
+    path.write_bytes(b"not a key")
+    with pytest.raises(AgentError, match="delete it"):
+        load_or_create_receipt_key(path)
+
+
+def test_the_key_lives_outside_the_directory_emptied_at_start(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    default = AgentConfig(api_url="http://x", nats_urls=["nats://x"], key="k", work_dir=work)
+    path = receipt_key_path(default, "miner_x")
+    assert path == work / "keys" / "miner_x.ed25519"
+    load_or_create_receipt_key(path)
+    clear_work_dir(work / "miner_x")
+    assert path.exists()
+    chosen = AgentConfig(
+        api_url="http://x",
+        nats_urls=["nats://x"],
+        key="k",
+        work_dir=work,
+        receipt_key_dir=tmp_path / "secrets",
+    )
+    assert receipt_key_path(chosen, "miner_x") == tmp_path / "secrets" / "miner_x.ed25519"
+
+
+class KeyRoutes:
+    """GET and POST /v1/miners/miner_x/keys of a fake ledger, which remembers keys."""
+
+    def __init__(self, *, refuse: bool = False) -> None:
+        self.keys: dict[str, dict[str, str]] = {}
+        self.refuse = refuse
+        self.posts: list[dict[str, Any]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/miners/miner_x/keys"
+        if request.method == "GET":
+            return httpx.Response(200, json={"keys": list(self.keys.values())})
+        body = json.loads(request.content)
+        self.posts.append(body)
+        if self.refuse:
+            return refused(409, "key was revoked and cannot be registered again")
+        raw = base64.b64decode(body["public_key"])
+        key = {"key_id": key_id_of(raw), "public_key": body["public_key"], "status": "active"}
+        self.keys[key["key_id"]] = key
+        return httpx.Response(201, json=key)
+
+
+async def agent_key(tmp_path: Path, routes: KeyRoutes) -> tuple[Ed25519PrivateKey, Path]:
+    config = AgentConfig(api_url="http://x", nats_urls=["nats://x"], key="k", work_dir=tmp_path)
+    agent = MinerAgent(config, ExecutorRegistry(), None, [])
+    agent.miner_id = "miner_x"
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(routes), base_url="http://ledger"
+    ) as api:
+        key = await agent.receipt_key(api)
+    return key, receipt_key_path(config, "miner_x")
+
+
+async def test_the_agent_registers_its_key_once(tmp_path: Path) -> None:
+    routes = KeyRoutes()
+    key, path = await agent_key(tmp_path, routes)
+    assert routes.posts == [{"public_key": encode_public_key(raw_public_key(key))}]
+    assert path.exists()
+
+    # Restarted: the same key from its file, already active, so nothing is posted.
+    again, _ = await agent_key(tmp_path, routes)
+    assert raw_public_key(again) == raw_public_key(key)
+    assert len(routes.posts) == 1
+
+
+async def test_a_revoked_key_stops_the_agent_saying_what_to_delete(tmp_path: Path) -> None:
+    routes = KeyRoutes(refuse=True)
+    with pytest.raises(AgentError, match=r"revoked; delete .*miner_x\.ed25519"):
+        await agent_key(tmp_path, routes)
