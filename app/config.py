@@ -39,6 +39,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 3
     # How long a canceling job waits for its miner's confirmation before it is canceled anyway.
     cancel_grace_seconds: float = 30.0
+    # The ledger's Ed25519 signing key for audit checkpoints (None: under home/keys).
+    audit_key_file: Path | None = None
+    # A signed checkpoint at least this often while events arrive (and every 1,000 events).
+    audit_checkpoint_seconds: float = 10.0
+
+    @property
+    def audit_key_path(self) -> Path:
+        """Where the ledger's audit signing key is kept."""
+        return self.audit_key_file or self.home / "keys" / "audit-ed25519.pem"
 
     @property
     def blob_root(self) -> Path:
@@ -107,4 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             lease_seconds=number("JOBLEDGER_LEASE_SECONDS", 30.0, minimum=1.0),
             max_attempts=integer("JOBLEDGER_MAX_ATTEMPTS", 3, minimum=1),
             cancel_grace_seconds=number("JOBLEDGER_CANCEL_GRACE_SECONDS", 30.0, minimum=0.0),
+            audit_key_file=Path(key_file)
+            if (key_file := text("JOBLEDGER_AUDIT_KEY_FILE"))
+            else None,
+            audit_checkpoint_seconds=number(
+                "JOBLEDGER_AUDIT_CHECKPOINT_SECONDS", 10.0, minimum=0.1
+            ),
         )

@@ -16,6 +16,9 @@ from nats.js.errors import NotFoundError as StreamMessageNotFound
 from psycopg_pool import AsyncConnectionPool
 
 from app import keys, ratelimit, scheduler
+from app.audit import sealer
+from app.audit.sealer import Sealer
+from app.audit.signing import LedgerKey
 from app.backoff import Backoff
 from app.blobs import Blobs
 from app.bus import NATS_DOWN, Bus
@@ -53,6 +56,7 @@ class Services:
     bus: Bus
     namespace: Namespace
     blobs: Blobs
+    audit_key: LedgerKey
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking ledger call in a worker thread, keeping the event loop free."""
@@ -66,6 +70,7 @@ def prepare_database(dsn: str) -> JobLedger:
         try:
             ledger = JobLedger(postgres_env(dsn))
             tables.create_schema(conn)
+            sealer.create_schema(conn)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK_ID,))
     return ledger
@@ -99,13 +104,14 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         await views.start()
         stack.push_async_callback(views.stop)
 
+        audit_key = await to_thread.run_sync(LedgerKey.load_or_create, settings.audit_key_path)
         stop = threading.Event()
-        worker = threading.Thread(
-            target=Projector(ledger, dsn).run, args=(stop,), name="projector", daemon=True
-        )
-        worker.start()
-        stack.callback(worker.join, 10)
-        stack.callback(stop.set)
+        seal = Sealer(ledger, dsn, audit_key, checkpoint_seconds=settings.audit_checkpoint_seconds)
+        for name, target in (("projector", Projector(ledger, dsn).run), ("sealer", seal.run)):
+            worker = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+            worker.start()
+            stack.callback(worker.join, 10)
+        stack.callback(stop.set)  # registered last, so on the way out it runs before the joins
 
         blobs = await stack.enter_async_context(
             Blobs.open(
@@ -145,6 +151,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             bus=bus,
             namespace=namespace,
             blobs=blobs,
+            audit_key=audit_key,
         )
 
 

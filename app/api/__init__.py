@@ -11,6 +11,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.admin import AdminController
 from app.api.attempts import AttemptController
+from app.api.audit import AuditController
 from app.api.auth import ApiKeyMiddleware
 from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
 from app.api.files import FileController
@@ -35,6 +36,7 @@ def create_app(settings: Settings) -> Litestar:
             JobController,
             AttemptController,
             FileController,
+            AuditController,
             MinerController,
             AdminController,
             healthz,
