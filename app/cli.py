@@ -291,6 +291,25 @@ def rebuild_projections(settings: Settings) -> int:
     return 0
 
 
+def run_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """The auditors' commands."""
+    match args.audit_command:
+        case "verify":
+            from app.audit.commands import run_verify
+
+            return run_verify(
+                settings, job_id=args.job, export_file=args.file, key=args.key, as_json=args.json
+            )
+        case "replay":
+            from app.audit.replay import run_replay
+
+            return run_replay(settings, args.job, args.as_of, as_json=args.json)
+        case _:
+            from app.audit.drift import run_drift
+
+            return run_drift(settings, as_json=args.json)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, documented in README.md and docs/operations.md."""
     top = argparse.ArgumentParser(
@@ -350,6 +369,34 @@ def parser() -> argparse.ArgumentParser:
     revoke = keys_cmd.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
 
+    audit_cmd = commands.add_parser(
+        "audit", help="verify the log, replay a job, check the views (docs/audit.md)"
+    )
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="recompute the hash chains; report every modified, deleted, "
+        "inserted or reordered event (exit 1 if any)",
+    )
+    verify.add_argument("--job", help="verify only this job")
+    verify.add_argument("--file", help="verify an export (NDJSON) offline, without a database")
+    verify.add_argument(
+        "--key",
+        help="the ledger public key to trust (base64 or PEM, or a file holding it), as "
+        "GET /v1/audit/key gave it",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay = audit_sub.add_parser("replay", help="show a job as it stood at a time or event")
+    replay.add_argument("--job", required=True, help="the job id")
+    replay.add_argument(
+        "--as-of", required=True, help="an RFC 3339 time with offset, or an event sequence number"
+    )
+    replay.add_argument("--json", action="store_true", help="print JSON")
+    drift = audit_sub.add_parser(
+        "drift", help="rebuild the views aside from the log and compare (exit 1 on drift)"
+    )
+    drift.add_argument("--json", action="store_true", help="print the report as JSON")
+
     projections_cmd = commands.add_parser("projections", help="manage read models")
     projections_sub = projections_cmd.add_subparsers(dest="projections_command", required=True)
     projections_sub.add_parser("rebuild", help="rebuild the views from the event log")
@@ -367,6 +414,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return create_key(settings, args.role, args.name)
         case "keys":
             return revoke_key(settings, args.key_id)
+        case "audit":
+            return run_audit(args, settings)
         case _:
             return rebuild_projections(settings)
 

@@ -31,6 +31,7 @@ from app.api.schemas import (
     SubmitJobResponse,
 )
 from app.api.transfer import stream_response
+from app.audit.replay import job_as_of, parse_as_of
 from app.blobs import BlobMissing, Blobs, InvalidLocation, Location, check_destination
 from app.formats import EXTENSIONS, MEDIA_TYPES
 from app.keys import Principal, Role
@@ -170,6 +171,17 @@ async def load_row(services: Services, principal: Principal, job_id: str) -> Job
     if owner is not None and row.owner != owner:
         raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
     return row
+
+
+async def status_as_of(
+    services: Services, principal: Principal, job_id: str, as_of: str
+) -> JobStatusResponse:
+    """The job as it stood at `as_of`, from its events; no pending reason (not in the history)."""
+    moment = parse_as_of(as_of)
+    row, _ = await services.run(
+        job_as_of, services.ledger, job_id, moment, owner=owner_filter(principal)
+    )
+    return status_view(row)
 
 
 READERS = (Role.CLIENT, Role.AUDITOR, Role.ADMIN)
@@ -339,14 +351,33 @@ class JobController(Controller):
         summary="Job status",
         responses={
             200: openapi.response(JobStatusResponse, "the job", openapi.STATUS),
-            **openapi.errors(401, 403, 404, 429),
+            **openapi.errors(401, 403, 404, 422, 429),
         },
     )
     async def status(
-        self, request: Request[Principal, Any, Any], state: State, job_id: str
+        self,
+        request: Request[Principal, Any, Any],
+        state: State,
+        job_id: str,
+        as_of: Annotated[
+            str | None,
+            Parameter(
+                description="the job as it stood then, rebuilt from its events: an event "
+                "sequence number (1 = just submitted) or an RFC 3339 time with an offset; "
+                "later than the last event is the current state, before the job is a 404",
+                examples=[Example(value="2"), Example(value="2026-11-29T12:00:00Z")],
+            ),
+        ] = None,
     ) -> JobStatusResponse:
-        """The job as the status view shows it; a pending job says why it waits."""
+        """The job as the status view shows it; a pending job says why it waits.
+
+        With `as_of`, the job as it stood then, replayed from its events: a sequence
+        past the last event or a time after it (even in the future) is the current
+        state; sequence 0 or a time before the submission is a 404; anything else a 422.
+        """
         services = services_of(state)
+        if as_of is not None:
+            return await status_as_of(services, request.user, job_id, as_of)
         row = await load_row(services, request.user, job_id)
         reason = None
         if row.status == JobStatus.PENDING:
