@@ -6,6 +6,9 @@ sealed once, in log order, each link computed from the one before it. It reads t
 rows through the event store exactly as stored (topic and state bytes), so what it
 hashes is what an auditor later re-reads.
 
+It relies on the event store committing events in position order (the recorder
+takes a table lock per insert), so no event can appear later below the chain's head.
+
 Events are sealed within about a second of their commit; a signed checkpoint is
 written every CHECKPOINT_EVERY_EVENTS events, and at least every
 `checkpoint_seconds` while new events arrive.
@@ -135,6 +138,13 @@ class Sealer:
                 failures += 1
                 backoff = min(0.1 * 2**failures, 5.0)
                 log.warning("sealer lost the database (%s); retrying in %.1fs", error, backoff)
+                stop.wait(backoff)
+            except Exception:
+                # An event it cannot read stops sealing there: say so loudly, keep trying
+                # (audit verify shows the unsealed events piling up meanwhile).
+                failures += 1
+                backoff = min(0.1 * 2**failures, 30.0)
+                log.exception("sealer failed; retrying in %.1fs", backoff)
                 stop.wait(backoff)
 
     def _follow(self, stop: threading.Event) -> None:
