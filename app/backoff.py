@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 
 
 class Backoff:
@@ -24,3 +27,28 @@ class Backoff:
             self._delay = min(self._delay * 2, self._most)
         self._last_failure = now
         return self._delay
+
+
+def keep_running(
+    work: Callable[[threading.Event], None],
+    stop: threading.Event,
+    *,
+    name: str,
+    log: logging.Logger,
+    down: tuple[type[BaseException], ...],
+) -> None:
+    """Run a background thread's `work` until `stop`: a lost dependency (`down`) is a
+    warning, anything else is logged with its traceback; either way it starts again later.
+    """
+    backoff = Backoff(first=0.1, most=5.0)
+    while not stop.is_set():
+        try:
+            work(stop)
+        except down as error:
+            delay = backoff.next_delay()
+            log.warning("%s lost the database (%s); retrying in %.1fs", name, error, delay)
+            stop.wait(delay)
+        except Exception:
+            delay = backoff.next_delay()
+            log.exception("%s failed; retrying in %.1fs", name, delay)
+            stop.wait(delay)

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from app.backoff import keep_running
 from app.store import DATABASE_DOWN, JobLedger
 from projections import tables
 
@@ -39,16 +40,8 @@ class Projector:
         return position
 
     def run(self, stop: threading.Event) -> None:
-        """Follow the log until `stop` is set, reconnecting after database failures."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                self._follow(stop)
-            except DATABASE_DOWN as error:
-                failures += 1
-                backoff = min(0.1 * 2**failures, 5.0)
-                log.warning("projector lost the database (%s); retrying in %.1fs", error, backoff)
-                stop.wait(backoff)
+        """Follow the log until `stop` is set, starting again after failures."""
+        keep_running(self._follow, stop, name="projector", log=log, down=DATABASE_DOWN)
 
     def _follow(self, stop: threading.Event) -> None:
         channel = self._ledger.recorder.channel_name  # type: ignore[attr-defined]

@@ -230,7 +230,7 @@ class JobLedger(Application[UUID]):
     def cancel(self, job_id: str, *, owner: str | None) -> tuple[JobRow, int]:
         """Cancel a job (at once if pending); returns its view and the log position written."""
         position = self._command(job_id, owner, lambda job: job.request_cancel())
-        return _fold(self._owned_events(job_id, owner=None)), position
+        return _fold(self.job_history(job_id, owner=None)), position
 
     def change_job(self, job_id: str, command: Callable[[Job], None]) -> int:
         """Run a command on a job for the ledger's own workers; returns the log position."""
@@ -466,7 +466,7 @@ class JobLedger(Application[UUID]):
 
     def job_row(self, job_id: str, *, owner: str | None) -> JobRow:
         """A job's view folded straight from the log: authoritative, never behind."""
-        return _fold(self._owned_events(job_id, owner=owner))
+        return _fold(self.job_history(job_id, owner=owner))
 
     def job_events(self, job_id: str, *, owner: str | None) -> list[EventRecord]:
         """Every event of a job, in order, with its per-job sequence number."""
@@ -477,7 +477,7 @@ class JobLedger(Application[UUID]):
                 timestamp=event.timestamp,
                 data={k: v for k, v in vars(event).items() if k not in _ENVELOPE_FIELDS},
             )
-            for event in self._owned_events(job_id, owner=owner)
+            for event in self.job_history(job_id, owner=owner)
         ]
 
     def read_log(self, start: int, limit: int) -> list[tuple[int, Any]]:
@@ -506,8 +506,8 @@ class JobLedger(Application[UUID]):
             raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
         return job
 
-    def _owned_events(self, job_id: str, *, owner: str | None) -> Sequence[Any]:
-        """The job's events in one read; none, or someone else's, is not found."""
+    def job_history(self, job_id: str, *, owner: str | None) -> Sequence[Any]:
+        """A job's domain events in order, in one read; none, or someone else's, is not found."""
         events: list[Any] = list(self.events.get(aggregate_id_of(job_id)))
         # The id must be a job's: a file's or a miner's UUID spelt job_… is no job either.
         if (
@@ -547,5 +547,5 @@ def _fold(events: Sequence[Any]) -> JobRow:
     for event in events:
         # The log position is only known to the projector; 0 sorts it last until then.
         row = fold(row, event, row.seq if row else 0)
-    assert row is not None  # _owned_events never returns an empty list
+    assert row is not None  # job_history never returns an empty list
     return row

@@ -18,7 +18,6 @@ import msgspec
 from app.config import Settings
 from app.store import JobLedger, postgres_env
 from domain.errors import InvalidJobRequest, JobNotFound
-from domain.jobs import Job, aggregate_id_of
 from projections.jobs import JobRow, fold
 
 _SEQUENCE = re.compile(r"[0-9]+")
@@ -67,7 +66,7 @@ def job_as_of(
     the submission is JobNotFound saying the job did not exist yet; an unknown job, or
     someone else's (`owner` given), is JobNotFound as the status route answers it.
     """
-    events = _job_events(ledger, job_id, owner=owner)
+    events = ledger.job_history(job_id, owner=owner)
     sequence = _sequence_at(events, as_of, job_id)
     row: JobRow | None = None
     for event in events:
@@ -126,19 +125,6 @@ def _human(value: object) -> str:
     if isinstance(value, dict):
         return _JSON.encode(value).decode()
     return str(value)
-
-
-def _job_events(ledger: JobLedger, job_id: str, *, owner: str | None) -> Sequence[Any]:
-    """The job's events in one read; none, someone else's, or not a job's is not found."""
-    events: list[Any] = list(ledger.events.get(aggregate_id_of(job_id)))
-    if (
-        not events
-        # A file's or miner's aggregate id dressed as a job id is no job.
-        or not isinstance(events[0], Job.Submitted)
-        or (owner is not None and events[0].owner != owner)
-    ):
-        raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
-    return events
 
 
 def _sequence_at(events: Sequence[Any], as_of: int | datetime, job_id: str) -> int:

@@ -29,6 +29,7 @@ import psycopg
 
 from app.audit import chain
 from app.audit.signing import LedgerKey
+from app.backoff import keep_running
 from app.store import DATABASE_DOWN, JobLedger
 
 log = logging.getLogger("jobledger.sealer")
@@ -129,23 +130,12 @@ class Sealer:
         return sealed
 
     def run(self, stop: threading.Event) -> None:
-        """Follow the log until `stop` is set, reconnecting after database failures."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                self._follow(stop)
-            except DATABASE_DOWN as error:
-                failures += 1
-                backoff = min(0.1 * 2**failures, 5.0)
-                log.warning("sealer lost the database (%s); retrying in %.1fs", error, backoff)
-                stop.wait(backoff)
-            except Exception:
-                # An event it cannot read stops sealing there: say so loudly, keep trying
-                # (audit verify shows the unsealed events piling up meanwhile).
-                failures += 1
-                backoff = min(0.1 * 2**failures, 30.0)
-                log.exception("sealer failed; retrying in %.1fs", backoff)
-                stop.wait(backoff)
+        """Follow the log until `stop` is set, starting again after failures.
+
+        An event it cannot read stops sealing there; that is logged at every try, and
+        audit verify shows the unsealed events piling up meanwhile.
+        """
+        keep_running(self._follow, stop, name="sealer", log=log, down=DATABASE_DOWN)
 
     def _follow(self, stop: threading.Event) -> None:
         channel = self._ledger.recorder.channel_name  # type: ignore[attr-defined]
