@@ -29,9 +29,11 @@ NATS_DOWN = (NatsError, TimeoutError, OSError)
 class Bus:
     """One NATS client for the process, available once `connected` is set."""
 
-    def __init__(self, servers: list[str], name: str) -> None:
+    def __init__(self, servers: list[str], name: str, *, stream_replicas: int = 1) -> None:
         self._servers = servers
         self._name = name
+        # How many copies a JetStream cluster keeps of each protocol stream.
+        self.stream_replicas = stream_replicas
         self._client: NatsClient | None = None
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,7 +104,7 @@ class Bus:
         log.info("reconnected to NATS")
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
     """The JetStream configuration of one protocol stream (file storage, deduplicating)."""
     return StreamConfig(
         name=spec.name,
@@ -114,14 +116,14 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         max_msgs=spec.max_messages,
         max_msg_size=MAX_MESSAGE_BYTES,
         duplicate_window=float(DUPLICATE_WINDOW_SECONDS),
-        num_replicas=1,
+        num_replicas=replicas,
     )
 
 
-async def ensure_streams(js: JetStreamContext, namespace: Namespace) -> None:
+async def ensure_streams(js: JetStreamContext, namespace: Namespace, replicas: int = 1) -> None:
     """Create every protocol stream, or bring an existing one to the current settings."""
     for spec in namespace.streams():
-        config = stream_config(spec)
+        config = stream_config(spec, replicas)
         try:
             await js.add_stream(config)
         except BadRequestError:

@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     view_wait_seconds: float = 5.0
     # The subject namespace on NATS (docs/protocol.md); lets ledgers share a NATS server.
     nats_prefix: str = "jobledger"
+    # Copies of each protocol stream a JetStream cluster keeps (1 on a single server).
+    nats_stream_replicas: int = 1
     # A miner silent for this long is offline and loses its assignments.
     lease_seconds: float = 30.0
     # A job whose attempts keep getting lost fails after this many.
@@ -96,6 +98,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 return False
             raise ConfigError(f"{name} must be 'on' or 'off', got {raw!r}")
 
+        replicas = integer("JOBLEDGER_NATS_STREAM_REPLICAS", 1, minimum=1)
+        if replicas > 5:
+            raise ConfigError(
+                f"JOBLEDGER_NATS_STREAM_REPLICAS is at most 5 (JetStream's), got {replicas}"
+            )
         buckets = text("JOBLEDGER_S3_ALLOWED_BUCKETS") or ""
         return cls(
             home=Path(text("JOBLEDGER_HOME") or ".jobledger"),
@@ -113,6 +120,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             s3_allowed_buckets=frozenset(b.strip() for b in buckets.split(",") if b.strip()),
             view_wait_seconds=number("JOBLEDGER_VIEW_WAIT_SECONDS", 5.0),
             nats_prefix=text("JOBLEDGER_NATS_PREFIX") or "jobledger",
+            nats_stream_replicas=replicas,
             lease_seconds=number("JOBLEDGER_LEASE_SECONDS", 30.0, minimum=1.0),
             max_attempts=integer("JOBLEDGER_MAX_ATTEMPTS", 3, minimum=1),
             cancel_grace_seconds=number("JOBLEDGER_CANCEL_GRACE_SECONDS", 30.0, minimum=0.0),

@@ -426,7 +426,7 @@ class Ingestor:
         backoff = Backoff()
         while True:
             try:
-                await ensure_streams(js, self._namespace)
+                await ensure_streams(js, self._namespace, self._bus.stream_replicas)
                 await self._consume(js)
             except NATS_DOWN as error:
                 log.warning("ingestor paused (%s: %s); retrying", type(error).__name__, error)

@@ -123,7 +123,7 @@ class Relay:
         backoff = Backoff()
         while True:
             try:
-                await ensure_streams(js, self._namespace)
+                await ensure_streams(js, self._namespace, self._bus.stream_replicas)
                 await self._lead(js)
             except (*DATABASE_DOWN, *NATS_DOWN) as error:
                 delay = backoff.next_delay()

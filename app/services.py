@@ -121,7 +121,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             )
         )
 
-        bus = Bus([url.strip() for url in settings.nats_url.split(",")], name="jobledger-api")
+        bus = Bus(
+            [url.strip() for url in settings.nats_url.split(",")],
+            name="jobledger-api",
+            stream_replicas=settings.nats_stream_replicas,
+        )
         await bus.start()
         stack.push_async_callback(bus.close)
         namespace = Namespace(settings.nats_prefix)
