@@ -520,11 +520,10 @@ class JobLedger(Application[UUID]):
 
 
 def _not_held(job_id: str, miner_id: str, attempt: int) -> JobNotFound:
-    """What a miner asking about an attempt it does not hold is told: there is none for it."""
-    return JobNotFound(
-        f"job {job_id} has no attempt {attempt} held by miner {miner_id}",
-        details={"job_id": job_id, "attempt": attempt},
-    )
+    """What a miner asking about an attempt it does not hold is told: exactly what it would
+    be told for a job that does not exist, so a miner cannot probe for other jobs' ids."""
+    del miner_id, attempt  # the same answer whoever asks about whichever attempt
+    return JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
 
 
 def _file_facts(file: File) -> FileFacts:
