@@ -91,6 +91,9 @@ def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
+KEY_ID_PATTERN: Final = re.compile(rf"(admin_)?[0-9a-f]{{{_KEY_ID_HEX_CHARS}}}")
+
+
 def bootstrap_key_id(key: str) -> str:
     """The deterministic key id under which an operator-chosen admin key is stored."""
     return "admin_" + _hash(key).hex()[:_KEY_ID_HEX_CHARS]

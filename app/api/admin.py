@@ -13,7 +13,7 @@ from app.api.auth import allow
 from app.api.errors import LedgerResponse
 from app.api.jobs import services_of
 from app.api.schemas import CreateKeyRequest, CreateKeyResponse
-from app.keys import Role
+from app.keys import KEY_ID_PATTERN, Role
 from domain.errors import InvalidJobRequest, NotFound
 
 
@@ -53,5 +53,6 @@ class AdminController(Controller):
     )
     async def revoke_key(self, state: State, key_id: Annotated[str, "key id"]) -> None:
         """Revoke a key at once; requests with it answer 401 from then on."""
-        if not await services_of(state).keys.revoke(key_id):
+        # An id we never issue is not found without asking the database.
+        if not KEY_ID_PATTERN.fullmatch(key_id) or not await services_of(state).keys.revoke(key_id):
             raise KeyNotFound(f"key {key_id!r} not found or already revoked")

@@ -130,6 +130,9 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     """A bug or an outage: log it whole, tell the client nothing internal."""
     if isinstance(exc, UnicodeDecodeError):
         return error_response(400, "invalid request: the body is not valid UTF-8")
+    if isinstance(exc, RecursionError):
+        # The framework decodes JSON bodies before our handlers; absurd nesting ends here.
+        return error_response(400, "invalid request: the JSON is nested too deeply")
     if isinstance(exc, _UNAVAILABLE):
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         return error_response(

@@ -82,6 +82,8 @@ def safe_filename(value: str | None) -> str | None:
     if not value:
         return None
     name = _UNSAFE_NAME.sub("_", value.replace("\\", "/").rsplit("/", 1)[-1]).strip()
+    if name in (".", ".."):
+        return None  # a path step, not a name
     return name[:MAX_FILENAME] or None
 
 

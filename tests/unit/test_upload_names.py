@@ -30,6 +30,8 @@ def test_media_types_are_kept_only_when_well_formed(sent: str | None, kept: str)
         ("C:\\Users\\me\\data.csv", "data.csv"),
         ('a"b\x00c\nd.txt', "a_b_c_d.txt"),
         ("dir/", None),
+        ("..", None),
+        ("a/.", None),
         ("", None),
         (None, None),
         ("x" * 400, "x" * 255),
