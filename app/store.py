@@ -228,9 +228,20 @@ class JobLedger(Application[UUID]):
         )
 
     def cancel(self, job_id: str, *, owner: str | None) -> tuple[JobRow, int]:
-        """Cancel a job (at once if pending); returns its view and the log position written."""
-        position = self._command(job_id, owner, lambda job: job.request_cancel())
-        return _fold(self.job_history(job_id, owner=None)), position
+        """Cancel a job (at once if pending); returns its view and the log position written.
+
+        The view is the job as this cancel left it: a completion that lands right after
+        must not turn the answer to an accepted cancel into "completed".
+        """
+        written: list[int] = []
+
+        def cancel(job: Job) -> None:
+            job.request_cancel()
+            written.append(job.version)
+
+        position = self._command(job_id, owner, cancel)
+        history = self.job_history(job_id, owner=None)
+        return _fold([e for e in history if e.originator_version <= written[-1]]), position
 
     def change_job(self, job_id: str, command: Callable[[Job], None]) -> int:
         """Run a command on a job for the ledger's own workers; returns the log position."""
