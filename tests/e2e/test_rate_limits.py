@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -104,3 +106,33 @@ def test_without_a_key_the_answer_is_401_not_429(pair: tuple[Served, Served]) ->
         answer = httpx.get(pair[0].url + "/v1/jobs", headers={"X-Api-Key": "garbage"})
         assert answer.status_code == 401
     assert pair[0].client(key).get("/v1/jobs").headers["X-RateLimit-Remaining"] == "59"
+
+
+def test_two_hundred_concurrent_requests_admit_exactly_the_limit(
+    pair: tuple[Served, Served],
+) -> None:
+    """200 requests at once from one key, over both processes: 60 pass, 140 are refused."""
+    for _ in range(2):
+        key = pair[0].new_key("client")
+        bystander = pair[1].new_key("client")
+        minute = int(time.time()) // 60
+        clients = [served.client(key) for served in pair]
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            answers = list(
+                pool.map(lambda i, c=clients: c[i % 2].get("/v1/jobs"), range(200))  # type: ignore[misc]
+            )
+        if int(time.time()) // 60 == minute:
+            break
+    else:
+        pytest.fail("two bursts in a row crossed a minute boundary")
+    codes = Counter(answer.status_code for answer in answers)
+    assert codes == {200: 60, 429: 140}, codes
+    assert {a.url.port for a in answers if a.status_code == 200} == {
+        a.url.port for a in answers
+    }  # both processes admitted some
+    for answer in answers:
+        if answer.status_code == 429:
+            assert_429(answer)
+    # Another key is unaffected by the storm.
+    other = pair[0].client(bystander).get("/v1/jobs")
+    assert other.status_code == 200 and other.headers["X-RateLimit-Remaining"] == "59"
