@@ -28,6 +28,10 @@ class MinerNotFound(NotFound):
     """No miner with that id exists."""
 
 
+class ReceiptKeyNotFound(NotFound):
+    """The miner never registered a receipt key with that id."""
+
+
 class Conflict(DomainError):
     """The command is well formed but clashes with the current state (HTTP 409)."""
 

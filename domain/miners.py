@@ -10,7 +10,7 @@ from uuid import UUID
 import msgspec
 from eventsourcing.domain import Aggregate
 
-from domain.errors import Conflict, InvalidJobRequest, MinerNotFound, NotFound
+from domain.errors import Conflict, InvalidJobRequest, MinerNotFound, ReceiptKeyNotFound
 from domain.gpus import normalize_gpu_type
 
 MINER_ID_PREFIX = "miner_"
@@ -19,10 +19,6 @@ _MINER_ID = re.compile(r"miner_[0-9a-f]{32}")
 _RECEIPT_KEY_ID = re.compile(r"ed25519:[0-9a-f]{32}")
 # Standard base64 of a raw 32-byte Ed25519 public key: 44 characters ending in one "=".
 _RECEIPT_PUBLIC_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")
-
-
-class ReceiptKeyNotFound(NotFound):
-    """The miner never registered a receipt key with that id (HTTP 404)."""
 
 
 def miner_id_of(aggregate_id: UUID) -> str:

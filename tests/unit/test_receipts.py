@@ -27,8 +27,8 @@ from app.receipts import (
     verify_receipt,
 )
 from app.relay import aggregate_id_of_event
-from domain.errors import Conflict, InvalidJobRequest, NotFound
-from domain.miners import Capabilities, Miner, ReceiptKeyNotFound
+from domain.errors import Conflict, InvalidJobRequest, NotFound, ReceiptKeyNotFound
+from domain.miners import Capabilities, Miner
 
 JOB = "job_" + "ab" * 16
 MINER = "miner_" + "cd" * 16
