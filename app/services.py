@@ -32,6 +32,7 @@ from app.ratelimit import RateLimiter
 from app.relay import Relay
 from app.scheduler import Scheduler, lease_settings
 from app.store import JobLedger, postgres_env
+from app.tasks import cancel_all
 from projections import tables
 from projections.queries import JobQueries, MinerQueries
 
@@ -132,7 +133,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         await scheduler.create_schema(pool)
         workers = _dispatch_workers(settings, ledger, pool, dsn, views, bus, namespace, blobs)
         tasks = [asyncio.create_task(_supervise(name, work), name=name) for name, work in workers]
-        stack.push_async_callback(_cancel_all, tasks)
+        stack.push_async_callback(cancel_all, tasks)
 
         limiter = (
             RateLimiter(
@@ -215,12 +216,6 @@ async def _supervise(name: str, work: Callable[[], Awaitable[None]]) -> None:
             delay = backoff.next_delay()
             log.exception("%s worker crashed; restarting in %.1f s", name, delay)
             await asyncio.sleep(delay)
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def database_reachable(pool: AsyncConnectionPool[Any], timeout: float = 2.0) -> bool:

@@ -65,6 +65,7 @@ from app.miner.executors import (
 )
 from app.miner.results import package
 from app.protocol import Namespace
+from app.tasks import cancel_all
 from domain.gpus import normalize_gpu_type
 from domain.miners import Capabilities
 
@@ -651,12 +652,9 @@ class MinerAgent:
         finally:
             self._draining = True
             await self._send_heartbeat()  # tell the scheduler at once: no new work
-            pulling.cancel()
-            await asyncio.gather(pulling, return_exceptions=True)
+            await cancel_all([pulling])
             await self._drain()
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await cancel_all(workers)
             await self._send_heartbeat()
             # Reports were all acknowledged by JetStream; flush the last heartbeat and go.
             with contextlib.suppress(*NATS_DOWN):
