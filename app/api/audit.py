@@ -24,9 +24,10 @@ from app.api.errors import LedgerResponse
 from app.api.jobs import parse_bound, services_of
 from app.audit.export import MEDIA_TYPE, export_lines
 from app.audit.findings import Report
-from app.audit.signing import ALGORITHM, encode_key
+from app.audit.signing import ALGORITHM
 from app.audit.verify import verify_job, verify_ledger
 from app.keys import Role
+from app.receipts import encode_public_key
 from app.services import Services
 from domain.errors import InvalidJobRequest
 from domain.jobs import aggregate_id_of
@@ -67,7 +68,7 @@ def _known_keys(services: Services) -> list[AuditKey]:
         rows = conn.execute(
             "SELECT key_id, public_key FROM jobledger_audit_keys ORDER BY first_used"
         ).fetchall()
-    return [AuditKey(key_id=str(r[0]), public_key=encode_key(bytes(r[1]))) for r in rows]
+    return [AuditKey(key_id=str(r[0]), public_key=encode_public_key(bytes(r[1]))) for r in rows]
 
 
 def _take(lines: Iterator[bytes], count: int) -> list[bytes]:
@@ -100,7 +101,7 @@ class AuditController(Controller):
         return AuditKeyResponse(
             key_id=key.key_id,
             algorithm=ALGORITHM,
-            public_key=encode_key(key.public_key),
+            public_key=encode_public_key(key.public_key),
             public_key_pem=key.public_pem(),
             keys=await to_thread.run_sync(_known_keys, services),
         )

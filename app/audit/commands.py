@@ -10,8 +10,9 @@ import psycopg
 
 from app.audit.export import verify_export
 from app.audit.findings import Report
-from app.audit.signing import decode_key, key_id_of
+from app.audit.signing import decode_key
 from app.config import Settings
+from app.receipts import key_id_of
 
 
 def pinned_key(value: str | None) -> dict[str, bytes] | None:

@@ -34,7 +34,8 @@ from psycopg import sql
 from app.audit import chain
 from app.audit.findings import Finding, Report
 from app.audit.receipts_check import MINER_KEY_TOPICS, ReceiptCheck
-from app.audit.signing import LedgerKey, encode_key, verify_signature
+from app.audit.signing import LedgerKey, verify_signature
+from app.receipts import encode_public_key
 from app.relay import relayed
 from app.store import JobLedger
 from domain.miners import miner_id_of
@@ -187,7 +188,7 @@ def _header(
         (first or 0,),
     ).fetchone()
     ledger_keys = [
-        LedgerKeyLine(key_id=str(row[0]), public_key=encode_key(bytes(row[1])))
+        LedgerKeyLine(key_id=str(row[0]), public_key=encode_public_key(bytes(row[1])))
         for row in conn.execute("SELECT key_id, public_key FROM jobledger_audit_keys ORDER BY 1")
     ]
     miner_keys: dict[tuple[str, str], MinerKeyLine] = {}

@@ -27,7 +27,6 @@ _KEY_REVOKED = "domain.miners:Miner.KeyRevoked"
 _COMPLETED = "domain.jobs:Job.Completed"
 # The events that change which keys a miner signs with.
 MINER_KEY_TOPICS = (_KEY_REGISTERED, _KEY_REVOKED)
-_receipt_decoder = msgspec.json.Decoder(protocol.Receipt)
 
 
 class ReceiptCheck:
@@ -87,7 +86,7 @@ class ReceiptCheck:
                 )
             return
         try:
-            parsed = _receipt_decoder.decode(json.dumps(receipt))
+            parsed = msgspec.convert(receipt, protocol.Receipt)
             key = self._keys.get((miner_id, parsed.key_id))
             if key is None:
                 state = "revoked" if (miner_id, parsed.key_id) in self._revoked else "unknown"
@@ -104,7 +103,7 @@ class ReceiptCheck:
             )
             if msgspec.to_builtins(claims.metrics) != data.get("metrics"):
                 raise InvalidReceipt("the receipt's metrics are not the completion's")
-        except (InvalidReceipt, msgspec.DecodeError, ValueError) as error:
+        except (InvalidReceipt, msgspec.ValidationError, ValueError) as error:
             self._finding(position, job_id, version, f"receipt does not verify: {error}")
             return
         self.verified += 1

@@ -1,5 +1,7 @@
 """The ledger's Ed25519 key: it signs audit checkpoints and exports.
 
+Keys are named and written as miners' receipt keys are (app/receipts.py).
+
 The private key lives in a file outside the database (`JOBLEDGER_AUDIT_KEY_FILE`, by
 default `$JOBLEDGER_HOME/keys/audit-ed25519.pem`), created on first start with mode
 0600. Someone who can rewrite the database but not read this file cannot forge a
@@ -8,8 +10,6 @@ checkpoint. Several API processes must share the file.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from app.receipts import InvalidReceipt, decode_public_key, key_id_of, raw_public_key
+
 ALGORITHM = "Ed25519"
-
-
-def key_id_of(public_key: bytes) -> str:
-    """A short, stable name for a public key: "ed25519:" and 32 hex digits of its SHA-256."""
-    return "ed25519:" + hashlib.sha256(public_key).hexdigest()[:32]
-
-
-def encode_key(public_key: bytes) -> str:
-    """A raw 32-byte public key as standard base64."""
-    return base64.b64encode(public_key).decode("ascii")
 
 
 def decode_key(text: str) -> bytes:
@@ -40,12 +32,9 @@ def decode_key(text: str) -> bytes:
             raise ValueError("the PEM block is not an Ed25519 public key")
         return loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     try:
-        raw = base64.b64decode(stripped, validate=True)
-    except ValueError:
-        raise ValueError("an Ed25519 public key is 32 bytes in base64, or a PEM block") from None
-    if len(raw) != 32:
-        raise ValueError(f"an Ed25519 public key is 32 bytes, this one is {len(raw)}")
-    return raw
+        return decode_public_key(stripped)
+    except InvalidReceipt as why:
+        raise ValueError(f"{why} (give the key in base64, or as a PEM block)") from None
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
@@ -105,7 +94,5 @@ class LedgerKey:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
             raise ValueError(f"{path} does not hold an Ed25519 private key")
-        public = loaded.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        public = raw_public_key(loaded)
         return cls(private_key=loaded, public_key=public, key_id=key_id_of(public))
