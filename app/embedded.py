@@ -64,10 +64,12 @@ class EmbeddedPostgres:
     session, so Ctrl+C reaches the application, which then stops the server in order.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.pgdata = self.data_dir / "pgdata"
         self.log_file = self.data_dir / "postgres.log"
+        # A fixed port (to restart a server where its clients expect it); else a free one.
+        self.wanted_port = port
         self.port: int | None = None
         self._lock_fd: int | None = None
         self._socket_dir: Path | None = None
@@ -192,7 +194,7 @@ class EmbeddedPostgres:
         """Run the postmaster on a free port, retrying if another process takes the port first."""
         assert self._socket_dir is not None
         for attempt in range(1, _START_ATTEMPTS + 1):
-            port = _free_port()
+            port = self.wanted_port or _free_port()
             log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
             options = f"-c listen_addresses={HOST} -c port={port} "
             options += f"-c unix_socket_directories={self._socket_dir}"
@@ -211,7 +213,8 @@ class EmbeddedPostgres:
             if result.returncode == 0:
                 return port
             log = _read_from(self.log_file, log_offset)
-            if "could not bind" in log and attempt < _START_ATTEMPTS:
+            retry = self.wanted_port is None and attempt < _START_ATTEMPTS
+            if "could not bind" in log and retry:
                 logger.info("port %d was taken while PostgreSQL started, trying another", port)
                 continue
             if self._is_running():

@@ -23,6 +23,7 @@ from app.backoff import Backoff
 from app.blobs import Blobs
 from app.bus import NATS_DOWN, Bus
 from app.config import Settings
+from app.database_watch import DatabaseWatch
 from app.heartbeats import HeartbeatListener
 from app.ingestor import Ingestor
 from app.keys import ApiKeys
@@ -58,6 +59,7 @@ class Services:
     namespace: Namespace
     blobs: Blobs
     audit_key: LedgerKey
+    database: DatabaseWatch
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking ledger call in a worker thread, keeping the event loop free."""
@@ -100,6 +102,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         api_keys = ApiKeys(pool)
         if settings.admin_key:
             await api_keys.ensure_bootstrap_admin(settings.admin_key)
+
+        database = DatabaseWatch(dsn)
+        await database.start()
+        stack.push_async_callback(database.stop)
 
         views = ViewPosition(dsn)
         await views.start()
@@ -157,6 +163,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             namespace=namespace,
             blobs=blobs,
             audit_key=audit_key,
+            database=database,
         )
 
 

@@ -13,6 +13,7 @@ from app.api.admin import AdminController
 from app.api.attempts import AttemptController
 from app.api.audit import AuditController
 from app.api.auth import ApiKeyMiddleware
+from app.api.availability import DatabaseGateMiddleware
 from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
 from app.api.files import FileController
 from app.api.health import healthz
@@ -42,7 +43,8 @@ def create_app(settings: Settings) -> Litestar:
             healthz,
         ],
         lifespan=[lifespan],
-        middleware=[ApiKeyMiddleware()],
+        # The gate first: while PostgreSQL is down, not even the key lookup waits on it.
+        middleware=[DatabaseGateMiddleware(), ApiKeyMiddleware()],
         exception_handlers=EXCEPTION_HANDLERS,
         response_class=LedgerResponse,
         request_max_body_size=settings.max_json_body_bytes,

@@ -22,6 +22,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.api.schemas import ErrorBody, ErrorDetail
 from app.blobs import BlobMissing, BlobUnavailable
+from app.database_watch import DatabaseDown
 from domain.errors import (
     Conflict,
     DomainError,
@@ -144,6 +145,11 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 
+def handle_database_down(request: Request[Any, Any, Any], exc: DatabaseDown) -> Response[Any]:
+    """Refused untried while the database is down (the watch logs the outage once)."""
+    return error_response(HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"})
+
+
 def handle_blob_unavailable(request: Request[Any, Any, Any], exc: BlobUnavailable) -> Response[Any]:
     """Blob storage (a disk, S3) failed or cannot be reached: retry later, like the database."""
     log.warning("blob storage unavailable on %s %s: %s", request.method, request.url.path, exc)
@@ -163,6 +169,7 @@ def handle_blob_missing(request: Request[Any, Any, Any], exc: BlobMissing) -> Re
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: handle_http,
     DomainError: handle_domain,
+    DatabaseDown: handle_database_down,
     BlobUnavailable: handle_blob_unavailable,
     BlobMissing: handle_blob_missing,
     Exception: handle_unexpected,
