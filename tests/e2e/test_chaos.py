@@ -1,0 +1,30 @@
+"""Short versions of the fault-injection scenarios (`scripts/chaos` runs them full length).
+
+Each scenario returns its figures and checks; the test fails with the whole report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.lab import Lab
+from tests.chaos.scenarios import SCENARIOS, Scenario
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(workdir=tmp_path, make_database=make_database, nats_url=nats_url)
+    yield lab
+    lab.close()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario_keeps_its_figures(lab: Lab, scenario: Scenario) -> None:
+    result = scenario.run(lab, scenario.short_seconds)
+    print(result.render())
+    assert result.passed, result.render()
