@@ -7,6 +7,7 @@ read in full from PostgreSQL (the only source of truth), never through the views
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,12 @@ def bookkeeping(result: Result, operations: list[Operation], scan: LogScan) -> N
     result.figure("operations", len(operations))
     result.figure("acknowledged", len(acknowledged))
     result.figure("retried before acknowledged", sum(len(op.attempts) > 2 for op in acknowledged))
+    # The interesting ones: an attempt got no answer (or a 5xx) yet had committed, which
+    # the retry shows by replaying the job (200) instead of creating it (201).
+    result.figure(
+        "unanswered attempts that had committed",
+        sum(_committed_unanswered(op) for op in acknowledged),
+    )
     lost = [op.key for op in acknowledged if op.job_id not in scan.keys.get(op.key, [])]
     duplicated = [key for key, jobs in scan.keys.items() if len(jobs) > 1]
     other_job = [op.key for op in acknowledged if op.confirmed_job_id != op.job_id]
@@ -87,6 +94,11 @@ def bookkeeping(result: Result, operations: list[Operation], scan: LogScan) -> N
             ],
         }
         result.check("sample of the offending operations", False, sample)
+
+
+def _committed_unanswered(operation: Operation) -> bool:
+    first_success = next(a for a in operation.attempts if a.job_id is not None)
+    return first_success is not operation.attempts[0] and first_success.status == 200
 
 
 def job_histories(result: Result, scan: LogScan, job_ids: list[str] | None = None) -> None:
@@ -111,9 +123,17 @@ def positions(dsn: str) -> dict[str, int]:
 
 def snapshot(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
     return {
-        table: conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
+        table: [hashable(row) for row in conn.execute(f"SELECT * FROM {table} ORDER BY {key}")]
         for table, key in REBUILT_TABLES.items()
     }
+
+
+def hashable(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row whose JSON columns (decoded to dicts and lists) are canonical JSON text."""
+    return tuple(
+        json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict | list) else value
+        for value in row
+    )
 
 
 def views_equal_a_rebuild(result: Result, dsn: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -202,7 +203,8 @@ def test_random_histories_keep_the_invariants(database_url: str) -> None:
     JobLifecycles.database_url = database_url
     runner = JobLifecycles.TestCase
     runner.settings = settings(
-        max_examples=25,
+        # scripts/chaos raises it for its full-length run.
+        max_examples=int(os.environ.get("JOBLEDGER_HYPOTHESIS_EXAMPLES", "25")),
         stateful_step_count=30,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],

@@ -105,6 +105,8 @@ def run(lab: Lab, seconds: float) -> Result:
     result.figure("outage (s)", round(restart_at - down_at, 1))
     result.figure("requests", len(everything))
     result.figure("requests in flight as it went down", len(in_flight))
+    outcomes = status_counts(in_flight)
+    result.figure("  their answers", ", ".join(f"{n} x {s}" for s, n in sorted(outcomes.items())))
     result.figure(
         "  of those answered 2xx after the restart",
         sum(a.status in (200, 201) and a.ended > restart_at for a in in_flight),
