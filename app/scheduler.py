@@ -6,7 +6,9 @@ two acting schedulers could not assign one attempt twice. Each round it
 
 1. applies what held jobs need (`domain.scheduling.verdict`): timeouts, requeues when a
    miner went silent for a lease, was deregistered or lost the job, and cancels whose
-   miner never confirmed;
+   miner never confirmed. A job counts as lost only once its miner's heartbeats left
+   it out for a lease after the relay published the assignment: one still in the
+   outbox (NATS or the relay stalled) cannot be held yet;
 2. plans and writes assignments (`domain.scheduling.plan`), then waits until the views
    include them, so the next round counts its own assignments against capacity;
 3. records why each job left pending waits (`pending_reason` in the status).
@@ -29,9 +31,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.backoff import Backoff
 from app.projector import ViewPosition
+from app.relay import RELAY_NAME
 from app.store import DATABASE_DOWN, JobLedger
 from domain.errors import DomainError
-from domain.jobs import Job, JobStatus
+from domain.jobs import Job, JobStatus, RequeueCause
 from domain.pricing import Priority
 from domain.scheduling import (
     Action,
@@ -43,6 +46,7 @@ from domain.scheduling import (
     plan,
     verdict,
 )
+from projections.tables import PROJECTION_NAME
 
 log = logging.getLogger("jobledger.scheduler")
 
@@ -83,7 +87,10 @@ _HELD = """
 SELECT j.job_id, j.status, j.miner_id, j.attempt, j.timeout_seconds, j.assigned_at,
        coalesce(j.status_since, j.updated_at) AS status_since,
        coalesce(m.active, false) AS miner_active, l.last_heartbeat_at,
-       coalesce(l.held, '[]'::jsonb) AS held, now() AS now
+       coalesce(l.held, '[]'::jsonb) AS held, now() AS now,
+       (SELECT position FROM jobledger_projection_tracking WHERE projection = %s) AS views_at,
+       coalesce((SELECT position FROM jobledger_projection_tracking WHERE projection = %s), 0)
+           AS relay_at
 FROM jobledger_job_views j
 LEFT JOIN jobledger_miner_views m ON m.miner_id = j.miner_id
 LEFT JOIN jobledger_miner_liveness l ON l.miner_id = j.miner_id
@@ -128,6 +135,11 @@ class Scheduler:
         # The pending reasons as last written, so a round writes only what changed.
         self._recorded_reasons: dict[str, str] = {}
         self._first_reasons = True
+        # When each held attempt's assignment was first seen published by the relay, and
+        # for those not yet, the views' position the relay must reach (it goes in log
+        # order). A miner can only list in its heartbeats what it could have received.
+        self._published: dict[tuple[str, int], datetime] = {}
+        self._publish_by: dict[tuple[str, int], int] = {}
 
     async def run(self) -> None:
         """Act while holding the scheduler lock; retry after database losses."""
@@ -167,8 +179,9 @@ class Scheduler:
     async def _settle_held(self, watching_since: datetime) -> None:
         hearing = self._hearing_since()
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_HELD)
+            await cur.execute(_HELD, (PROJECTION_NAME, RELAY_NAME))
             rows = await cur.fetchall()
+        self._note_publications(rows)
         due: list[tuple[HeldJob, Verdict]] = []
         for row in rows:
             # Not hearing heartbeats now: judge as if we had only just started listening.
@@ -177,6 +190,8 @@ class Scheduler:
             decision = verdict(job, row["now"], self._leases, watching_since=listening)
             if decision.action is Action.NONE:
                 continue
+            if decision.cause is RequeueCause.LOST_BY_MINER and not self._left_out_a_lease(job):
+                continue  # still in the outbox (NATS or the relay stalled), or only just sent
             if decision.action is Action.GIVE_BACK and await self._has_unread_reports(job.job_id):
                 continue  # its miner's last words are still on their way
             due.append((job, decision))
@@ -196,6 +211,29 @@ class Scheduler:
                     held.miner_id,
                     decision.reason,
                 )
+
+    def _note_publications(self, rows: list[dict[str, Any]]) -> None:
+        """Record when the relay was first seen past each held attempt's assignment."""
+        held = set()
+        for row in rows:
+            key = (row["job_id"], row["attempt"])
+            held.add(key)
+            if key not in self._published:
+                needed = self._publish_by.setdefault(key, row["views_at"] or 0)
+                if row["relay_at"] >= needed:
+                    self._published[key] = row["now"]
+        for table in (self._published, self._publish_by):
+            for key in [key for key in table if key not in held]:
+                del table[key]
+
+    def _left_out_a_lease(self, job: HeldJob) -> bool:
+        """True if the miner's heartbeats left the attempt out for a lease after it was sent."""
+        published = self._published.get((job.job_id, job.attempt))
+        return (
+            published is not None
+            and job.last_heartbeat_at is not None
+            and job.last_heartbeat_at - published >= self._leases.lease
+        )
 
     def _enforcement(self, held: HeldJob, decision: Verdict) -> Callable[[Job], None]:
         """The command carrying out `decision`, unless the job moved on since we looked."""
