@@ -33,6 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--short", action="store_true", help="the short lengths the test suite uses"
     )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and stop")
     parser.add_argument(
         "--seconds", type=float, help="run every chosen scenario for this long instead"
     )
@@ -51,6 +52,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    if args.list:
+        for scenario in SCENARIOS:
+            lengths = f"{scenario.short_seconds:.0f} s short, {scenario.full_seconds:.0f} s full"
+            print(f"{scenario.name:<26} {scenario.summary} ({lengths})")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     chosen = [BY_NAME[name] for name in args.scenarios] or SCENARIOS
     results: list[Result] = []

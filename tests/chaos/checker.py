@@ -102,13 +102,14 @@ def _committed_unanswered(operation: Operation) -> bool:
 
 
 def job_histories(result: Result, scan: LogScan, job_ids: list[str] | None = None) -> None:
-    """At most one terminal event per job, versions 1..n with no gap."""
+    """Every named job in the log, at most one terminal event each, versions 1..n with no gap."""
     jobs = job_ids if job_ids is not None else list(scan.events)
+    result.expect_equal("jobs missing from the log", sum(j not in scan.events for j in jobs), 0)
     doubled = [j for j in jobs if sum(t in TERMINAL_EVENTS for t in scan.types(j)) > 1]
     gaps = [
         j
         for j in jobs
-        if [v for v, _ in scan.events.get(j, [])] != list(range(1, len(scan.events[j]) + 1))
+        if [v for v, _ in scan.events.get(j, [])] != list(range(1, len(scan.events.get(j, [])) + 1))
     ]
     result.expect_equal("jobs with more than one terminal event", len(doubled), 0)
     result.expect_equal("jobs with a gap in their versions", len(gaps), 0)

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -24,6 +25,12 @@ from app.embedded import EmbeddedNats, EmbeddedPostgres, database_dsn
 from tests.e2e.conftest import Served, free_port, start_server
 from tests.e2e.dispatch import Miner, start_miner
 from tests.nats_names import fresh_prefix
+
+
+class Stoppable(Protocol):
+    """A server the lab stops when it closes (EmbeddedNats, NatsCluster, ...)."""
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -35,7 +42,7 @@ class Lab:
     nats_url: str
     _served: list[Served] = field(default_factory=list)
     _miners: list[Miner] = field(default_factory=list)
-    _servers: list[EmbeddedPostgres | EmbeddedNats] = field(default_factory=list)
+    _servers: list[Stoppable] = field(default_factory=list)
 
     def directory(self, name: str) -> Path:
         path = self.workdir / f"{name}-{secrets.token_hex(3)}"
@@ -102,7 +109,7 @@ class Lab:
         self._servers.append(server)
         return server, server.start()
 
-    def track(self, server: EmbeddedPostgres | EmbeddedNats) -> None:
+    def track(self, server: Stoppable) -> None:
         """Stop `server` when the lab closes."""
         self._servers.append(server)
 

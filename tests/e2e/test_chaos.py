@@ -23,7 +23,10 @@ def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iter
     lab.close()
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+IN_SUITE = [scenario for scenario in SCENARIOS if scenario.in_test_suite]
+
+
+@pytest.mark.parametrize("scenario", IN_SUITE, ids=[s.name for s in IN_SUITE])
 def test_scenario_keeps_its_figures(lab: Lab, scenario: Scenario) -> None:
     result = scenario.run(lab, scenario.short_seconds)
     print(result.render())
