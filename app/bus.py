@@ -83,6 +83,7 @@ class Bus:
                     connect_timeout=2,
                     disconnected_cb=self._lost,
                     reconnected_cb=self._regained,
+                    error_cb=log_nats_error,
                 )
             except (OSError, NatsError, TimeoutError) as error:
                 log.warning("cannot reach NATS at %s (%s); retrying", self._servers, error)
@@ -102,6 +103,11 @@ class Bus:
     async def _regained(self) -> None:
         self.up_since = datetime.now(UTC)
         log.info("reconnected to NATS")
+
+
+async def log_nats_error(error: Exception) -> None:
+    """One line per client error: a cluster node that is down is expected, not a traceback."""
+    log.warning("NATS client: %s: %s", type(error).__name__, error)
 
 
 def stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:

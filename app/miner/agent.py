@@ -53,7 +53,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from app import protocol, receipts
-from app.bus import NATS_DOWN
+from app.bus import NATS_DOWN, log_nats_error
 from app.gpu import GpuProbe, GpuUsage, UsageSampler
 from app.miner import transfer
 from app.miner.executors import (
@@ -634,6 +634,7 @@ class MinerAgent:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             connect_timeout=5,
+            error_cb=log_nats_error,
         )
         self._js = self._nc.jetstream()
         log.info(
