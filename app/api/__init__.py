@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from app.api import openapi
 from app.api.admin import AdminController
 from app.api.attempts import AttemptController
 from app.api.audit import AuditController
@@ -17,6 +18,7 @@ from app.api.availability import DatabaseGateMiddleware
 from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
 from app.api.files import FileController
 from app.api.health import healthz
+from app.api.hooks import allow_every_method, refuse_repeated_parameters
 from app.api.jobs import JobController
 from app.api.miners import MinerController
 from app.config import Settings
@@ -32,7 +34,7 @@ def create_app(settings: Settings) -> Litestar:
             app.state.services = services
             yield
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             JobController,
             AttemptController,
@@ -46,14 +48,18 @@ def create_app(settings: Settings) -> Litestar:
         # The gate first: while PostgreSQL is down, not even the key lookup waits on it.
         middleware=[DatabaseGateMiddleware(), ApiKeyMiddleware()],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=refuse_repeated_parameters,
+        before_send=[allow_every_method],
         response_class=LedgerResponse,
         request_max_body_size=settings.max_json_body_bytes,
+        plugins=[openapi.DecimalAsNumber(), openapi.StrictStructs()],
         openapi_config=OpenAPIConfig(
             title="jobledger",
             version="1.0.0",
             description=(
                 "An event-sourced ledger for GPU compute jobs. Send an API key as "
-                "`X-Api-Key: <key>` or `Authorization: Bearer <key>`. Every authenticated "
+                "`X-Api-Key: <key>` or `Authorization: Bearer <key>` (with both, only "
+                "`X-Api-Key` is read). Every authenticated "
                 "answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
                 "`X-RateLimit-Reset` (unix seconds) for the key's binding window; a 429 "
                 'adds `Retry-After`. Errors are `{"error": {status, message, details}}`.'
@@ -73,3 +79,6 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    # Litestar builds the document once, when first asked, and serves that one object.
+    openapi.complete(app.openapi_schema)
+    return app

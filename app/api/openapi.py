@@ -1,15 +1,33 @@
-"""OpenAPI building blocks: the documented error answers, headers and the seed's examples."""
+"""OpenAPI building blocks: the documented error answers, headers, the seed's examples and links."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Example, OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.openapi.spec import (
+    Example,
+    Link,
+    OpenAPI,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
+from litestar.plugins import OpenAPISchemaPlugin
 
+from app.api.auth import PUBLIC_PATHS
 from app.api.schemas import ErrorBody
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.typing import FieldDefinition
 
 _ERRORS = {
     400: ("invalid request: the body is not JSON", "JSON is malformed: ..."),
@@ -184,10 +202,12 @@ class FileUpload(Operation):
     def __post_init__(self) -> None:
         form = Schema(type=OpenAPIType.OBJECT, properties={"file": _BYTES}, required=["file"])
         self.request_body = RequestBody(
-            required=True,
+            # HTTP cannot tell an absent body from an empty one: either is an empty file.
+            required=False,
             description=(
                 "the file, streamed: as the raw body (name it with ?filename=), or as the "
-                "multipart form part `file`; at most JOBLEDGER_MAX_UPLOAD_BYTES"
+                "multipart form part `file`; at most JOBLEDGER_MAX_UPLOAD_BYTES; no body "
+                "is an empty file"
             ),
             content={
                 "application/octet-stream": OpenAPIMediaType(schema=_BYTES),
@@ -205,3 +225,178 @@ RECEIPT_KEY: dict[str, Any] = {
 REGISTER_RECEIPT_KEY: dict[str, Any] = {"public_key": RECEIPT_KEY["public_key"]}
 RECEIPT_KEY_REVOKED: dict[str, Any] = RECEIPT_KEY | {"status": "revoked"}
 RECEIPT_KEYS: dict[str, Any] = {"keys": [RECEIPT_KEY]}
+
+
+class DecimalAsNumber(OpenAPISchemaPlugin):
+    """Money and rates go out as exact JSON numbers (LedgerResponse): "number", not "string"."""
+
+    @staticmethod
+    def is_plugin_supported_type(value: Any) -> bool:
+        """Only `Decimal` itself."""
+        return value is Decimal
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        """A plain number; the field's own description and examples are added by Litestar."""
+        return Schema(type=OpenAPIType.NUMBER)
+
+
+class StrictStructs(StructSchemaPlugin):
+    """A body decoded with `forbid_unknown_fields` says so: `additionalProperties: false`."""
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        """Litestar's own schema of the struct, closed when the struct refuses unknown fields."""
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        if field_definition.type_.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        return schema
+
+
+@dataclass(frozen=True)
+class Follow:
+    """A link from an answer to the operation `target` ("GET /v1/jobs/{job_id}")."""
+
+    target: str
+    description: str
+    # Parameter name → constant or runtime expression ("$response.body#/job_id").
+    parameters: dict[str, str] = field(default_factory=dict)
+    # Merged into the target's body by tools that follow links (schemathesis does).
+    request_body: Any = None
+
+
+def _job_links(job_id: str) -> dict[str, Follow]:
+    """Where a job's id leads: its status, events, result and cancellation."""
+    return {
+        "status": Follow("GET /v1/jobs/{job_id}", "the job's status", {"job_id": job_id}),
+        "events": Follow(
+            "GET /v1/jobs/{job_id}/events", "the job's event history", {"job_id": job_id}
+        ),
+        "download": Follow(
+            "GET /v1/jobs/{job_id}/download", "the job's result bytes", {"job_id": job_id}
+        ),
+        "cancel": Follow("DELETE /v1/jobs/{job_id}", "cancel the job", {"job_id": job_id}),
+    }
+
+
+def _file_links(file_id: str) -> dict[str, Follow]:
+    """Where a file's id leads: its facts, its bytes, its deletion, a job reading it."""
+    return {
+        "facts": Follow("GET /v1/files/{file_id}", "the file's facts", {"file_id": file_id}),
+        "content": Follow(
+            "GET /v1/files/{file_id}/content", "the file's bytes", {"file_id": file_id}
+        ),
+        "delete": Follow("DELETE /v1/files/{file_id}", "delete the file", {"file_id": file_id}),
+        "submit": Follow(
+            "POST /v1/jobs",
+            "submit a job whose input is the file",
+            request_body={"input": {"file_id": file_id}},
+        ),
+    }
+
+
+def _miner_links(miner_id: str) -> dict[str, Follow]:
+    """Where a miner's id leads: itself, its record, its receipt keys, its retirement."""
+    path = {"miner_id": miner_id}
+    return {
+        "miner": Follow("GET /v1/miners/{miner_id}", "the miner", path),
+        "update": Follow("PUT /v1/miners/{miner_id}", "change what the miner offers", path),
+        "stats": Follow("GET /v1/miners/{miner_id}/stats", "the miner's job record", path),
+        "keys": Follow("GET /v1/miners/{miner_id}/keys", "the miner's receipt keys", path),
+        "register_key": Follow("POST /v1/miners/{miner_id}/keys", "add a receipt key", path),
+        "deregister": Follow("DELETE /v1/miners/{miner_id}", "retire the miner", path),
+    }
+
+
+_JOB_ID = "$response.body#/job_id"
+_FILE_ID = "$response.body#/file_id"
+_MINER_ID = "$response.body#/miner_id"
+_NEXT_PAGE = {"cursor": "$response.body#/next_cursor"}
+_RECEIPT_KEY = {"miner_id": "$request.path.miner_id", "key_id": "$response.body#/key_id"}
+
+# Operation → status → name → link: how a client (or schemathesis' stateful phase)
+# gets from an answer to the calls that use the ids in it.
+LINKS: dict[str, dict[int, dict[str, Follow]]] = {
+    "POST /v1/jobs": {201: _job_links(_JOB_ID)},
+    "GET /v1/jobs": {
+        200: {
+            **_job_links("$response.body#/jobs/0/job_id"),
+            "next_page": Follow("GET /v1/jobs", "the next page", _NEXT_PAGE),
+        }
+    },
+    "GET /v1/jobs/history": {
+        200: {
+            "next_page": Follow(
+                "GET /v1/jobs/history",
+                "the next page of the same window",
+                {"from": "$request.query.from", "to": "$request.query.to", **_NEXT_PAGE},
+            )
+        }
+    },
+    "GET /v1/jobs/{job_id}": {200: _job_links(_JOB_ID)},
+    "DELETE /v1/jobs/{job_id}": {
+        status: {name: _job_links(_JOB_ID)[name] for name in ("status", "events")}
+        for status in (200, 202)
+    },
+    "POST /v1/files": {201: _file_links(_FILE_ID), 200: _file_links(_FILE_ID)},
+    "GET /v1/files/{file_id}": {200: _file_links(_FILE_ID)},
+    "POST /v1/miners": {201: _miner_links(_MINER_ID)},
+    "GET /v1/miners": {200: _miner_links("$response.body#/miners/0/miner_id")},
+    "POST /v1/miners/{miner_id}/keys": {
+        status: {
+            "revoke": Follow(
+                "DELETE /v1/miners/{miner_id}/keys/{key_id}", "revoke the key", _RECEIPT_KEY
+            )
+        }
+        for status in (201, 200)
+    },
+    "POST /v1/admin/keys": {
+        201: {
+            "revoke": Follow(
+                "DELETE /v1/admin/keys/{key_id}",
+                "revoke the key",
+                {"key_id": "$response.body#/key_id"},
+            )
+        }
+    },
+}
+
+_METHODS = ("get", "put", "post", "delete", "patch")
+
+
+def operations_of(document: OpenAPI) -> dict[str, Operation]:
+    """Every operation of the document by "METHOD /path"."""
+    return {
+        f"{method.upper()} {path}": operation
+        for path, item in (document.paths or {}).items()
+        for method in _METHODS
+        if (operation := getattr(item, method)) is not None
+    }
+
+
+def complete(document: OpenAPI) -> None:
+    """Add what route handlers cannot declare: LINKS, and no security on the public routes.
+
+    A KeyError here means LINKS names an operation or status the API does not have.
+    """
+    operations = operations_of(document)
+    for source, by_status in LINKS.items():
+        responses = operations[source].responses or {}
+        for status, links in by_status.items():
+            response = responses[str(status)]
+            assert isinstance(response, OpenAPIResponse)
+            response.links = {
+                name: Link(
+                    operation_id=operations[follow.target].operation_id,
+                    description=follow.description,
+                    parameters=follow.parameters or None,
+                    request_body=follow.request_body,
+                )
+                for name, follow in links.items()
+            }
+    for name, operation in operations.items():
+        path = name.split(" ", 1)[1]
+        if any(re.match(pattern, path) for pattern in PUBLIC_PATHS):
+            operation.security = []  # the middleware lets these through without a key
