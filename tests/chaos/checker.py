@@ -70,10 +70,17 @@ def bookkeeping(result: Result, operations: list[Operation], scan: LogScan) -> N
     result.figure("acknowledged", len(acknowledged))
     result.figure("retried before acknowledged", sum(len(op.attempts) > 2 for op in acknowledged))
     # The interesting ones: an attempt got no answer (or a 5xx) yet had committed, which
-    # the retry shows by replaying the job (200) instead of creating it (201).
+    # the retry shows by replaying the job (`Idempotent-Replayed: true`) it did not create.
     result.figure(
         "unanswered attempts that had committed",
         sum(_committed_unanswered(op) for op in acknowledged),
+    )
+    # The deliberate retry after the acknowledgement must be told it is a replay.
+    confirmations = [op.attempts[-1] for op in acknowledged if op.confirmed_job_id]
+    result.expect_equal(
+        "deliberate retries not marked as replays",
+        sum(not attempt.replayed for attempt in confirmations),
+        0,
     )
     lost = [op.key for op in acknowledged if op.job_id not in scan.keys.get(op.key, [])]
     duplicated = [key for key, jobs in scan.keys.items() if len(jobs) > 1]
@@ -98,7 +105,7 @@ def bookkeeping(result: Result, operations: list[Operation], scan: LogScan) -> N
 
 def _committed_unanswered(operation: Operation) -> bool:
     first_success = next(a for a in operation.attempts if a.job_id is not None)
-    return first_success is not operation.attempts[0] and first_success.status == 200
+    return first_success is not operation.attempts[0] and first_success.replayed
 
 
 def job_histories(result: Result, scan: LogScan, job_ids: list[str] | None = None) -> None:

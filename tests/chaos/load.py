@@ -37,6 +37,7 @@ class Attempt:
     status: int | None  # None: no answer (connection refused, reset, timed out)
     error: str = ""
     job_id: str | None = None
+    replayed: bool = False  # answered with `Idempotent-Replayed: true`: the key's job existed
 
 
 @dataclass
@@ -164,7 +165,10 @@ class Submitters:
         else:
             job_id = answer.json().get("job_id") if answer.status_code in (200, 201) else None
             error = "" if job_id else answer.text[:300]
-            attempt = Attempt(started, time.monotonic(), url, answer.status_code, error, job_id)
+            replayed = answer.headers.get("Idempotent-Replayed") == "true"
+            attempt = Attempt(
+                started, time.monotonic(), url, answer.status_code, error, job_id, replayed
+            )
         operation.attempts.append(attempt)
         return attempt
 
