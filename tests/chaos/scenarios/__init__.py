@@ -52,7 +52,7 @@ SCENARIOS.append(
         "suites (its length is the examples per property test)",
         suites.run,
         short_seconds=25,
-        full_seconds=150,
+        full_seconds=100,
         in_test_suite=False,
     )
 )

@@ -13,6 +13,7 @@ cases, and none failed.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,7 +32,19 @@ SUITES = {
     "job state machine (Hypothesis, real store)": "tests/integration/test_state_machine_store.py",
 }
 ROOT = Path(__file__).resolve().parents[3]
-PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+# Captured output goes into the report, where schemathesis' own counts are read from.
+PYTEST = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "junit_logging=system-out",
+]
+SCHEMATHESIS_CASES = re.compile(r"(\d+) generated, (\d+) passed")
+MATRIX_SUMMARY = re.compile(r"authorization matrix: (.*)")
 
 
 def run(lab: Lab, seconds: float) -> Result:
@@ -51,6 +64,12 @@ def run(lab: Lab, seconds: float) -> Result:
     result.seconds = time.monotonic() - started
     cases, failed = tally(report) if report.exists() else (Counter[str](), Counter[str]())
     result.figure("examples per property test", int(examples))
+    if matrix := MATRIX_SUMMARY.search(finished.stdout):
+        result.figure("authorization matrix", matrix.group(1))
+    generated, passed = schemathesis_cases(report) if report.exists() else (0, 0)
+    result.figure("schemathesis test cases generated (both runs)", generated)
+    result.expect_equal("schemathesis test cases not passed", generated - passed, 0)
+    result.check("schemathesis generated cases", generated > 0, generated)
     for name, path in SUITES.items():
         module = path.removesuffix(".py").replace("/", ".")
         result.figure(f"{name}: cases", cases[module])
@@ -75,6 +94,16 @@ def tally(report: Path) -> tuple[Counter[str], Counter[str]]:
         if case.find("failure") is not None or case.find("error") is not None:
             failed[module] += 1
     return cases, failed
+
+
+def schemathesis_cases(report: Path) -> tuple[int, int]:
+    """Test cases schemathesis generated and passed, summed over its runs in the report."""
+    generated = passed = 0
+    for output in ElementTree.parse(report).iter("system-out"):
+        for made, ok in SCHEMATHESIS_CASES.findall(output.text or ""):
+            generated += int(made)
+            passed += int(ok)
+    return generated, passed
 
 
 def _modules() -> list[str]:
