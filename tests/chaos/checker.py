@@ -68,6 +68,7 @@ def bookkeeping(result: Result, operations: list[Operation], scan: LogScan) -> N
     acknowledged = [op for op in operations if op.acknowledged]
     result.figure("operations", len(operations))
     result.figure("acknowledged", len(acknowledged))
+    result.check("some operation was acknowledged", bool(acknowledged), "no load to count")
     result.figure("retried before acknowledged", sum(len(op.attempts) > 2 for op in acknowledged))
     # The interesting ones: an attempt got no answer (or a 5xx) yet had committed, which
     # the retry shows by replaying the job (`Idempotent-Replayed: true`) it did not create.

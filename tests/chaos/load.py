@@ -164,10 +164,10 @@ class Submitters:
             attempt = Attempt(started, time.monotonic(), url, None, type(error).__name__)
         else:
             job_id = answer.json().get("job_id") if answer.status_code in (200, 201) else None
-            error = "" if job_id else answer.text[:300]
+            refusal = "" if job_id else answer.text[:300]
             replayed = answer.headers.get("Idempotent-Replayed") == "true"
             attempt = Attempt(
-                started, time.monotonic(), url, answer.status_code, error, job_id, replayed
+                started, time.monotonic(), url, answer.status_code, refusal, job_id, replayed
             )
         operation.attempts.append(attempt)
         return attempt
