@@ -8,7 +8,6 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from app.audit.signing import LedgerKey
 from app.audit.verify import verify_job, verify_ledger
 from app.store import JobLedger, postgres_env
 from domain.jobs import aggregate_id_of
-from domain.miners import Capabilities
 from tests.integration.helpers import run_to_completion, spec
+from tests.unit.job_builders import RIG
 
 
 @dataclass
@@ -66,17 +65,7 @@ def scene(database_url: str, tmp_path: Path) -> Iterator[Scene]:
                 conn.execute(
                     f"SELECT nextval(pg_get_serial_sequence('{table}', 'notification_id'))"
                 )
-        ledger.register_miner(
-            "rig",
-            Capabilities(
-                gpu_type="cpu",
-                gpu_count=1,
-                vram_gb=0,
-                location="here",
-                price_per_hour=Decimal(0),
-                max_concurrent=1,
-            ),
-        )
+        ledger.register_miner("rig", RIG)
         scene = Scene(ledger, conn, sealer, key, table, jobs)
         scene.seal()
         yield scene

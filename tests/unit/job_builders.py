@@ -7,10 +7,20 @@ from decimal import Decimal
 from uuid import uuid4
 
 from domain.jobs import Job, JobSpec
+from domain.miners import Capabilities
 from domain.pricing import Estimate, Priority
 
 MINER = "miner_first"
 OTHER_MINER = "miner_second"
+# A one-slot CPU rig at no charge, for tests that need some registered miner.
+RIG = Capabilities(
+    gpu_type="cpu",
+    gpu_count=1,
+    vram_gb=0,
+    location="here",
+    price_per_hour=Decimal(0),
+    max_concurrent=1,
+)
 RESULT = {"output_uri": "s3://results/job.jsonl", "tokens": 1234}
 
 

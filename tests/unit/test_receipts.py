@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -28,7 +27,8 @@ from app.receipts import (
 )
 from app.relay import aggregate_id_of_event
 from domain.errors import Conflict, InvalidJobRequest, NotFound, ReceiptKeyNotFound
-from domain.miners import Capabilities, Miner
+from domain.miners import Miner
+from tests.unit.job_builders import RIG
 
 JOB = "job_" + "ab" * 16
 MINER = "miner_" + "cd" * 16
@@ -255,17 +255,7 @@ def test_a_signed_completion_has_its_own_message_id(key: Ed25519PrivateKey) -> N
 
 
 def miner() -> Miner:
-    registered = Miner.register(
-        "rig",
-        Capabilities(
-            gpu_type="cpu",
-            gpu_count=1,
-            vram_gb=0,
-            location="here",
-            price_per_hour=Decimal(0),
-            max_concurrent=1,
-        ),
-    )
+    registered = Miner.register("rig", RIG)
     registered.collect_events()
     return registered
 
@@ -327,17 +317,7 @@ def test_malformed_key_fields_are_refused(key_id: str, public_key: str) -> None:
 
 
 def test_a_miner_rebuilt_from_its_events_has_the_same_keys() -> None:
-    rig = Miner.register(
-        "rig",
-        Capabilities(
-            gpu_type="cpu",
-            gpu_count=1,
-            vram_gb=0,
-            location="here",
-            price_per_hour=Decimal(0),
-            max_concurrent=1,
-        ),
-    )
+    rig = Miner.register("rig", RIG)
     first, second = key_fields(), key_fields()
     rig.register_key(*first)
     rig.register_key(*second)

@@ -1,12 +1,11 @@
 """Every relayed event is published under the public id of its own aggregate."""
 
-from decimal import Decimal
 from uuid import uuid4
 
 from app.relay import aggregate_id_of_event
 from domain.files import File
-from domain.miners import Capabilities, Miner
-from tests.unit.job_builders import submitted
+from domain.miners import Miner
+from tests.unit.job_builders import RIG, submitted
 
 
 def test_each_aggregate_is_named_by_its_own_kind_of_id() -> None:
@@ -20,17 +19,7 @@ def test_each_aggregate_is_named_by_its_own_kind_of_id() -> None:
         location=f"local:files/{uuid4().hex}",
     )
     file.use(job.job_id)
-    miner = Miner.register(
-        "rig",
-        Capabilities(
-            gpu_type="cpu",
-            gpu_count=1,
-            vram_gb=0,
-            location="here",
-            price_per_hour=Decimal(0),
-            max_concurrent=1,
-        ),
-    )
+    miner = Miner.register("rig", RIG)
     ids = {
         aggregate_id_of_event(event)
         for aggregate in (job, file, miner)
