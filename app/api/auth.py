@@ -97,9 +97,12 @@ class ApiKeyMiddleware(ASGIMiddleware):
 
 
 def allow(*roles: Role) -> Any:
-    """A guard admitting only callers whose key has one of `roles` (403 for the others)."""
+    """A guard admitting only callers whose key has one of `roles` (403 for the others).
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    Async on purpose: Litestar runs a synchronous guard in a worker thread per request.
+    """
+
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         principal: Principal = connection.user
         if principal.role not in roles:
             allowed = ", ".join(role.value for role in roles)

@@ -31,10 +31,11 @@ async def allow_every_method(message: Message, scope: Scope) -> None:
             return
 
 
-def refuse_repeated_parameters(request: Request[Any, Any, Any]) -> None:
+async def refuse_repeated_parameters(request: Request[Any, Any, Any]) -> None:
     """A query parameter given twice is a 400: each of ours takes one value.
 
     Litestar would quietly keep the last one, so `?limit=1&limit=100` meant 100.
+    (Async on purpose: Litestar hands a synchronous hook to a worker thread per request.)
     """
     if any(re.match(pattern, request.url.path) for pattern in PUBLIC_PATHS):
         return
