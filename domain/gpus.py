@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 # Longest names first so "a100" does not swallow "a10", "h200" is not read as "h20".
@@ -27,8 +28,12 @@ _CANONICAL = (
 _NOISE = re.compile(r"[^a-z0-9]+")
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_gpu_type(name: str) -> str:
-    """Map what NVML or a client calls a GPU ('NVIDIA H100 80GB HBM3') to a short name ('h100')."""
+    """Map what NVML or a client calls a GPU ('NVIDIA H100 80GB HBM3') to a short name ('h100').
+
+    Cached: the scheduler asks for every pending job in every round, and names repeat.
+    """
     squashed = _NOISE.sub("", name.lower()).removeprefix("nvidia").removeprefix("geforce")
     squashed = squashed.removeprefix("tesla")
     for canonical in _CANONICAL:
