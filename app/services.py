@@ -26,7 +26,7 @@ from app.config import Settings
 from app.database_watch import DatabaseWatch
 from app.heartbeats import HeartbeatListener
 from app.ingestor import Ingestor
-from app.keys import ApiKeys
+from app.keys import ApiKeys, KeyCache
 from app.projector import Projector, ViewPosition
 from app.protocol import Namespace
 from app.ratelimit import RateLimiter
@@ -99,7 +99,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(pool.close)
         await keys.create_schema(pool)
         await ratelimit.create_schema(pool)
-        api_keys = ApiKeys(pool)
+        key_cache = KeyCache(dsn)
+        await key_cache.start()
+        stack.push_async_callback(key_cache.stop)
+        api_keys = ApiKeys(pool, key_cache)
         if settings.admin_key:
             await api_keys.ensure_bootstrap_admin(settings.admin_key)
 

@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -10,17 +11,35 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from app.config import ConfigError
-from app.keys import ApiKeys, Principal, Role, bootstrap_key_id, create_schema
+from app.keys import ApiKeys, KeyCache, Principal, Role, bootstrap_key_id, create_schema
 
 pytestmark = pytest.mark.integration
 
 Pool = AsyncConnectionPool[AsyncConnection[Any]]
 
 
-@pytest.fixture
-async def keys(pg_pool: Pool) -> ApiKeys:
+async def listening_cache(database_url: str) -> KeyCache:
+    cache = KeyCache(database_url)
+    await cache.start()
+    for _ in range(100):
+        if cache.listening:
+            return cache
+        await asyncio.sleep(0.05)
+    raise AssertionError("the key cache never started listening")
+
+
+@pytest.fixture(params=["uncached", "cached"])
+async def keys(
+    request: pytest.FixtureRequest, pg_pool: Pool, database_url: str
+) -> AsyncIterator[ApiKeys]:
+    """Every test here holds with and without the per-process key cache."""
     await create_schema(pg_pool)
-    return ApiKeys(pg_pool)
+    if request.param == "uncached":
+        yield ApiKeys(pg_pool)
+        return
+    cache = await listening_cache(database_url)
+    yield ApiKeys(pg_pool, cache)
+    await cache.stop()
 
 
 def _secret_of(key: str) -> str:
@@ -237,3 +256,50 @@ async def test_schema_creation_is_idempotent_and_concurrency_safe(pg_pool: Pool)
 
     principal, key = await ApiKeys(pg_pool).create(Role.CLIENT, "alice")
     assert await ApiKeys(pg_pool).authenticate(key) == principal
+
+
+async def test_a_cached_key_revoked_by_hand_stops_working_at_once(
+    pg_pool: Pool, database_url: str
+) -> None:
+    """Any change to the key table empties every process's cache: even SQL by hand."""
+    await create_schema(pg_pool)
+    cache = await listening_cache(database_url)
+    try:
+        keys = ApiKeys(pg_pool, cache)
+        principal, key = await keys.create(Role.CLIENT, "alice")
+        assert await keys.authenticate(key) == principal
+        assert cache.get(key) == principal  # the next request will not read the table
+        async with pg_pool.connection() as conn:
+            await conn.execute(
+                "UPDATE jobledger_api_keys SET revoked_at = now() WHERE key_id = %s",
+                (principal.key_id,),
+            )
+        for _ in range(100):
+            if cache.get(key) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.get(key) is None
+        assert await keys.authenticate(key) is None
+    finally:
+        await cache.stop()
+
+
+async def test_a_lookup_that_raced_with_a_change_is_not_cached(
+    pg_pool: Pool, database_url: str
+) -> None:
+    await create_schema(pg_pool)
+    cache = await listening_cache(database_url)
+    try:
+        keys = ApiKeys(pg_pool, cache)
+        principal, key = await keys.create(Role.CLIENT, "bob")
+        before = cache.generation
+        _, other = await keys.create(Role.CLIENT, "carol")
+        await keys.revoke((await keys.authenticate(other)).key_id)  # a change announced...
+        for _ in range(100):
+            if cache.generation != before:
+                break
+            await asyncio.sleep(0.01)
+        cache.put(key, principal, before)  # ...after this lookup began: not kept
+        assert cache.get(key) is None
+    finally:
+        await cache.stop()
