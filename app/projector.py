@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import threading
 from typing import Any
@@ -70,7 +72,10 @@ class ViewPosition:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._position = 0
-        self._changed = asyncio.Condition()
+        # Writers waiting for a position, lowest first: an advance wakes only those it
+        # satisfies, not every waiter (many submissions wait at once under load).
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tickets = itertools.count()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -93,20 +98,24 @@ class ViewPosition:
         """True once the views include `position`; False if `timeout` seconds pass first."""
         if self._position >= position:
             return True
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self._position >= position), timeout
-                )
-            except TimeoutError:
-                return False
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (position, next(self._tickets), reached))
+        try:
+            await asyncio.wait_for(asyncio.shield(reached), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            reached.cancel()  # a no-op once set; a cancelled entry is dropped when passed
         return True
 
     async def _advance(self, position: int) -> None:
-        if position > self._position:
-            async with self._changed:
-                self._position = position
-                self._changed.notify_all()
+        if position <= self._position:
+            return
+        self._position = position
+        while self._waiting and self._waiting[0][0] <= position:
+            _, _, reached = heapq.heappop(self._waiting)
+            if not reached.done():
+                reached.set_result(None)
 
     async def _listen(self) -> None:
         backoff = 0.1
