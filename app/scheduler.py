@@ -144,6 +144,8 @@ class Scheduler:
         # order). A miner can only list in its heartbeats what it could have received.
         self._published: dict[tuple[str, int], datetime] = {}
         self._publish_by: dict[tuple[str, int], int] = {}
+        # Last round's pending jobs by their view row: under a burst most are still there.
+        self._pending: dict[tuple[Any, ...], PendingJob] = {}
 
     async def run(self) -> None:
         """Act while holding the scheduler lock; retry after database losses."""
@@ -276,7 +278,7 @@ class Scheduler:
                 await cur.execute(_PENDING, (PENDING_WINDOW,))
                 rows = await cur.fetchall()
         # Thousands of pending jobs weigh milliseconds: keep the event loop free meanwhile.
-        decided = await to_thread.run_sync(_plan, rows, miners)
+        decided = await to_thread.run_sync(self._plan, rows, miners)
         position = 0
         if decided.assignments:
             # All of a round's assignments in one transaction: one commit, not one per job.
@@ -287,6 +289,12 @@ class Scheduler:
                     log.info("did not assign %s: %s", job_id, result)
         await self._record_reasons(decided.reasons)
         return position
+
+    def _plan(self, rows: list[tuple[Any, ...]], miners: list[MinerOffer]) -> Plan:
+        """Plan the round; a job still pending as it was last round is not built again."""
+        known = self._pending
+        self._pending = {row: known.get(row) or _pending_job(row) for row in rows}
+        return plan(list(self._pending.values()), miners)
 
     async def _record_reasons(self, reasons: dict[str, str]) -> None:
         """Write only what changed since the last round (all of it in a new term)."""
@@ -321,19 +329,16 @@ class Scheduler:
 _PRIORITIES = {priority.value: priority for priority in Priority}
 
 
-def _plan(rows: list[tuple[Any, ...]], miners: list[MinerOffer]) -> Plan:
-    pending = [
-        PendingJob(
-            job_id=job_id,
-            gpu_type=gpu_type,
-            gpu_count=gpu_count,
-            min_vram_gb=min_vram_gb,
-            priority=_PRIORITIES[priority],
-            seq=seq,
-        )
-        for job_id, gpu_type, gpu_count, min_vram_gb, priority, seq in rows
-    ]
-    return plan(pending, miners)
+def _pending_job(row: tuple[Any, ...]) -> PendingJob:
+    job_id, gpu_type, gpu_count, min_vram_gb, priority, seq = row
+    return PendingJob(
+        job_id=job_id,
+        gpu_type=gpu_type,
+        gpu_count=gpu_count,
+        min_vram_gb=min_vram_gb,
+        priority=_PRIORITIES[priority],
+        seq=seq,
+    )
 
 
 def _assignment(miner_id: str) -> Callable[[Job], None]:
