@@ -24,6 +24,7 @@ from app.blobs import Blobs
 from app.bus import NATS_DOWN, Bus
 from app.config import Settings
 from app.database_watch import DatabaseWatch
+from app.group_commit import GroupCommit
 from app.heartbeats import HeartbeatListener
 from app.ingestor import Ingestor
 from app.keys import ApiKeys, KeyCache
@@ -50,6 +51,8 @@ class Services:
     settings: Settings
     pool: AsyncConnectionPool[Any]
     ledger: JobLedger
+    # Submissions go through here: saved in batches, one commit per batch.
+    submissions: GroupCommit
     queries: JobQueries
     miners: MinerQueries
     keys: ApiKeys
@@ -114,6 +117,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         await views.start()
         stack.push_async_callback(views.stop)
 
+        queries = JobQueries(pool)
+        submissions = GroupCommit(ledger, queries.runtime_stats)
+        await submissions.start()
+        stack.push_async_callback(submissions.stop)
+
         audit_key = await to_thread.run_sync(LedgerKey.load_or_create, settings.audit_key_path)
         stop = threading.Event()
         seal = Sealer(ledger, dsn, audit_key, checkpoint_seconds=settings.audit_checkpoint_seconds)
@@ -157,7 +165,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             settings=settings,
             pool=pool,
             ledger=ledger,
-            queries=JobQueries(pool),
+            submissions=submissions,
+            queries=queries,
             miners=MinerQueries(pool),
             keys=api_keys,
             limiter=limiter,

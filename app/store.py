@@ -31,9 +31,15 @@ from domain.errors import (
     MinerNotFound,
 )
 from domain.files import File, file_aggregate_id, file_aggregate_id_of
-from domain.jobs import InputFile, Job, JobSpec, aggregate_id_of, idempotent_aggregate_id
+from domain.jobs import (
+    InputFile,
+    Job,
+    JobSpec,
+    aggregate_id_of,
+    idempotent_aggregate_id,
+)
 from domain.miners import Capabilities, Miner, miner_aggregate_id_of
-from domain.pricing import NO_HISTORY, RateTable, RuntimeStats, estimate
+from domain.pricing import NO_HISTORY, Estimate, RateTable, RuntimeStats, estimate
 from projections.jobs import JobRow, fold
 
 
@@ -45,6 +51,16 @@ class Submitted(msgspec.Struct, frozen=True):
     estimated_time_seconds: int
     created: bool
     position: int
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One client's submission, as the API hands it to the ledger."""
+
+    owner: str
+    spec: JobSpec
+    idempotency_key: str | None
+    # What jobs like this took so far, for the estimate (None: no history).
+    history: RuntimeStats | None = None
 
 
 class FileFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,39 +159,13 @@ class JobLedger(Application[UUID]):
         history: RuntimeStats | None = None,
     ) -> Submitted:
         """Record a new job; with an Idempotency-Key, the same key always yields the same job."""
-        if self.rates.rate(spec.gpu_type) is None:
-            known = ", ".join(sorted(self.rates.per_gpu_hour))
-            raise InvalidJobRequest(
-                f"no price for gpu_type {spec.gpu_type!r}; known types: {known}",
-                details={"field": "requirements.gpu_type"},
-            )
-        guess = estimate(
-            self.rates,
-            gpu_type=spec.gpu_type,
-            gpu_count=spec.gpu_count,
-            priority=spec.priority,
-            timeout_seconds=spec.timeout_seconds,
-            history=history or NO_HISTORY,
+        request = SubmitRequest(
+            owner=owner, spec=spec, idempotency_key=idempotency_key, history=history
         )
-        aggregate_id = (
-            idempotent_aggregate_id(owner, idempotency_key) if idempotency_key else uuid4()
-        )
+        guess = self._estimate(request)
+        aggregate_id = self._aggregate_id(request)
         for _ in range(_COMMAND_ATTEMPTS):
-            input_file = self._input_file(spec.input_file_id, owner)
-            job = Job.submit(
-                aggregate_id=aggregate_id,
-                owner=owner,
-                spec=spec,
-                estimate=guess,
-                idempotency_key=idempotency_key,
-                input_file=(
-                    InputFile(size_bytes=input_file.size_bytes, sha256=input_file.sha256)
-                    if input_file
-                    else None
-                ),
-            )
-            if input_file is not None:
-                input_file.use(job.job_id)  # saved with the job: a delete cannot slip between
+            job, input_file = self._new_job(request, aggregate_id, guess)
             try:
                 recordings = self.save(job, *([input_file] if input_file else []))
                 break
@@ -186,13 +176,109 @@ class JobLedger(Application[UUID]):
                 # The file changed meanwhile (deleted, or first used by another job): again.
         else:
             raise ConcurrentChange("the input file is changing too fast; retry the request")
-        return Submitted(
-            job_id=job.job_id,
-            estimated_cost=guess.cost,
-            estimated_time_seconds=guess.seconds,
-            created=True,
-            position=recordings[-1].notification.id,
+        return _submitted(job, recordings[-1].notification.id)
+
+    def submit_many(self, requests: Sequence[SubmitRequest]) -> list[Submitted | DomainError]:
+        """Record many submissions in one transaction: one table lock, one commit.
+
+        This is group commit: the API gathers the submissions that arrive while the
+        previous batch commits and saves them together, so each still gets its answer
+        only once its event is durable. Each outcome is the `Submitted` that `submit`
+        would have returned, or the domain error it would have raised, in order.
+
+        Anything the batch cannot settle on its own goes through `submit`, one by one,
+        after the batch: a second request with an id already in the batch (the same
+        Idempotency-Key twice), or a file already used in the batch. If the save is
+        refused (a key used before, a file changed), nothing of the batch was written
+        and every submission runs alone, where `submit` replays or retries it.
+        """
+        outcomes: list[Submitted | DomainError | None] = [None] * len(requests)
+        batch: dict[int, tuple[Job, File | None]] = {}
+        later: list[int] = []
+        ids: set[UUID] = set()
+        files: set[str] = set()  # the input files the batch uses, by file id
+        for index, request in enumerate(requests):
+            try:
+                aggregate_id = self._aggregate_id(request)
+                if aggregate_id in ids or request.spec.input_file_id in files:
+                    later.append(index)
+                    continue
+                job, input_file = self._new_job(request, aggregate_id, self._estimate(request))
+            except DomainError as error:
+                outcomes[index] = error
+                continue
+            ids.add(aggregate_id)
+            if input_file is not None:
+                files.add(input_file.file_id)
+            batch[index] = (job, input_file)
+        if batch:
+            aggregates = [a for job, file in batch.values() for a in (job, file) if a is not None]
+            try:
+                recordings = self.save(*aggregates)
+            except IntegrityError:
+                later.extend(batch)
+            else:
+                # One transaction: the views show all of it at once, so all wait for its end.
+                position = recordings[-1].notification.id
+                for index, (job, _) in batch.items():
+                    outcomes[index] = _submitted(job, position)
+        for index in sorted(later):
+            request = requests[index]
+            try:
+                outcomes[index] = self.submit(
+                    owner=request.owner,
+                    spec=request.spec,
+                    idempotency_key=request.idempotency_key,
+                    history=request.history,
+                )
+            except DomainError as error:
+                outcomes[index] = error
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _estimate(self, request: SubmitRequest) -> Estimate:
+        """The price and duration a job is recorded with; an unpriced GPU type is a 422."""
+        spec = request.spec
+        if self.rates.rate(spec.gpu_type) is None:
+            known = ", ".join(sorted(self.rates.per_gpu_hour))
+            raise InvalidJobRequest(
+                f"no price for gpu_type {spec.gpu_type!r}; known types: {known}",
+                details={"field": "requirements.gpu_type"},
+            )
+        return estimate(
+            self.rates,
+            gpu_type=spec.gpu_type,
+            gpu_count=spec.gpu_count,
+            priority=spec.priority,
+            timeout_seconds=spec.timeout_seconds,
+            history=request.history or NO_HISTORY,
         )
+
+    @staticmethod
+    def _aggregate_id(request: SubmitRequest) -> UUID:
+        if request.idempotency_key:
+            return idempotent_aggregate_id(request.owner, request.idempotency_key)
+        return uuid4()
+
+    def _new_job(
+        self, request: SubmitRequest, aggregate_id: UUID, guess: Estimate
+    ) -> tuple[Job, File | None]:
+        """The new job, and the input file it uses (marked used, to be saved with it)."""
+        input_file = self._input_file(request.spec.input_file_id, request.owner)
+        job = Job.submit(
+            aggregate_id=aggregate_id,
+            owner=request.owner,
+            spec=request.spec,
+            estimate=guess,
+            idempotency_key=request.idempotency_key,
+            input_file=(
+                InputFile(size_bytes=input_file.size_bytes, sha256=input_file.sha256)
+                if input_file
+                else None
+            ),
+        )
+        if input_file is not None:
+            input_file.use(job.job_id)  # saved with the job: a delete cannot slip between
+        return job, input_file
 
     def _input_file(self, file_id: str | None, owner: str) -> File | None:
         """The live file a submission names, owned by the submitter; anything else is a 422."""
@@ -535,6 +621,16 @@ def _not_held(job_id: str, miner_id: str, attempt: int) -> JobNotFound:
     be told for a job that does not exist, so a miner cannot probe for other jobs' ids."""
     del miner_id, attempt  # the same answer whoever asks about whichever attempt
     return JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+
+
+def _submitted(job: Job, position: int) -> Submitted:
+    return Submitted(
+        job_id=job.job_id,
+        estimated_cost=job.estimated_cost,
+        estimated_time_seconds=job.estimated_time_seconds,
+        created=True,
+        position=position,
+    )
 
 
 def _file_facts(file: File) -> FileFacts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -107,16 +108,20 @@ class JobQueries:
             ),
         )
 
-    async def runtime_stats(self, model: str, gpu_type: str) -> RuntimeStats | None:
-        """What completed jobs of this model on this GPU type took, if any completed."""
+    async def runtime_stats(
+        self, kinds: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], RuntimeStats]:
+        """What completed jobs took, per (model, gpu_type) asked about that has completed any."""
+        if not kinds:
+            return {}
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT completed, mean_seconds FROM jobledger_runtime_stats "
-                "WHERE model = %s AND gpu_type = %s",
-                (model, gpu_type),
+                "SELECT model, gpu_type, completed, mean_seconds FROM jobledger_runtime_stats "
+                "WHERE (model, gpu_type) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([model for model, _ in kinds], [gpu_type for _, gpu_type in kinds]),
             )
-            found = await cur.fetchone()
-        return RuntimeStats(found[0], found[1]) if found else None
+            rows = await cur.fetchall()
+        return {(model, gpu): RuntimeStats(completed, mean) for model, gpu, completed, mean in rows}
 
     async def position(self) -> int:
         """The last log position the views include."""

@@ -36,6 +36,7 @@ from app.blobs import BlobMissing, Blobs, InvalidLocation, Location, check_desti
 from app.formats import EXTENSIONS, MEDIA_TYPES
 from app.keys import Principal, Role
 from app.services import Services
+from app.store import SubmitRequest
 from domain.errors import Conflict, InvalidJobRequest, JobNotFound
 from domain.files import is_file_id
 from domain.gpus import normalize_gpu_type
@@ -231,13 +232,8 @@ class JobController(Controller):
         except msgspec.ValidationError as error:
             raise strict_validation_error(error) from None
         spec = to_spec(data, services)
-        history = await services.queries.runtime_stats(spec.model, spec.gpu_type)
-        outcome = await services.run(
-            services.ledger.submit,
-            owner=request.user.subject,
-            spec=spec,
-            idempotency_key=idempotency_key,
-            history=history,
+        outcome = await services.submissions.submit(
+            SubmitRequest(owner=request.user.subject, spec=spec, idempotency_key=idempotency_key)
         )
         if outcome.created:
             await services.views.wait_for(outcome.position, services.settings.view_wait_seconds)
