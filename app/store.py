@@ -7,7 +7,8 @@ return plain data, never aggregates. Library errors stop at this boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -18,8 +19,10 @@ import msgspec
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.sql import SQL, Identifier
 
 from domain.errors import (
     ConcurrentChange,
@@ -37,6 +40,7 @@ from domain.jobs import (
     JobSpec,
     aggregate_id_of,
     idempotent_aggregate_id,
+    job_id_of,
 )
 from domain.miners import Capabilities, Miner, miner_aggregate_id_of
 from domain.pricing import NO_HISTORY, Estimate, RateTable, RuntimeStats, estimate
@@ -337,14 +341,6 @@ class JobLedger(Application[UUID]):
         """A job's current state, for workers that decide what to do with it."""
         return self._job(job_id, owner=None)
 
-    def job_at(self, job_id: str, version: int) -> Job:
-        """A job as it was right after its event number `version` (for the relay)."""
-        try:
-            job: Job = self.repository.get(aggregate_id_of(job_id), version=version)
-        except AggregateNotFoundError:
-            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id}) from None
-        return job
-
     def register_miner(self, name: str, capabilities: Capabilities) -> tuple[Miner, int]:
         """Record a new miner; returns it and the log position written."""
         miner = Miner.register(name, capabilities)
@@ -377,13 +373,13 @@ class JobLedger(Application[UUID]):
         of these jobs meanwhile, the whole batch is refused by the version check and
         every command runs again alone, on fresh state, as `change_job` would.
         """
-        jobs: dict[str, Job] = {}
+        jobs = self.jobs_now([job_id for job_id, _ in commands])
         results: list[T | DomainError] = []
         for job_id, command in commands:
             try:
-                job = jobs[job_id] if job_id in jobs else self._job(job_id, owner=None)
-                jobs[job_id] = job
-                results.append(command(job))
+                if job_id not in jobs:
+                    raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+                results.append(command(jobs[job_id]))
             except DomainError as error:
                 results.append(error)
         changed = [job for job in jobs.values() if job.pending_events]
@@ -394,6 +390,81 @@ class JobLedger(Application[UUID]):
         except IntegrityError:
             return self._one_by_one(commands)
         return results, recordings[-1].notification.id if recordings else 0
+
+    def jobs_now(self, job_ids: Collection[str]) -> dict[str, Job]:
+        """The current state of many jobs, read in one query; ids of no job are left out.
+
+        The library reads one aggregate per query; a batch of reports or assignments
+        would then cost a round trip per job.
+        """
+        ids = set()
+        for job_id in job_ids:
+            with contextlib.suppress(JobNotFound):  # a malformed id is no job: left out
+                ids.add(aggregate_id_of(job_id))
+        found = self.aggregates_now(ids)
+        return {
+            job_id_of(aggregate_id): job
+            for aggregate_id, job in found.items()
+            if isinstance(job, Job)
+        }
+
+    def jobs_at(self, wanted: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Job]:
+        """Each (job_id, version) wanted: the job right after that event, all in one query.
+
+        The relay needs, for every order in a batch of the log, the job as of the event
+        that caused it: one query per order would be N+1. A job with fewer events than
+        wanted, or no job at all, is JobNotFound.
+        """
+        upto: dict[UUID, int] = {}
+        for job_id, version in wanted:
+            aggregate_id = aggregate_id_of(job_id)
+            upto[aggregate_id] = max(version, upto.get(aggregate_id, 0))
+        histories = self._histories(upto)
+        jobs: dict[tuple[str, int], Job] = {}
+        for job_id, version in wanted:
+            events = histories.get(aggregate_id_of(job_id), [])[:version]
+            if len(events) < version or not isinstance(events[0], Job.Submitted):
+                raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+            jobs[(job_id, version)] = _folded(events)
+        return jobs
+
+    def aggregates_now(self, aggregate_ids: Collection[UUID]) -> dict[UUID, Aggregate]:
+        """Many aggregates, each folded from all its events, read in one query."""
+        histories = self._histories(dict.fromkeys(aggregate_ids, None))
+        return {aggregate_id: _folded(events) for aggregate_id, events in histories.items()}
+
+    def _histories(self, upto: Mapping[UUID, int | None]) -> dict[UUID, list[Any]]:
+        """The events of many aggregates in one query, each up to a version (None: all).
+
+        The library reads one aggregate per query. `= ANY` on the primary key is served
+        from its index (a join with a list of versions scanned the whole table).
+        """
+        if not upto:
+            return {}
+        recorder = self.recorder
+        assert isinstance(recorder, PostgresApplicationRecorder)  # postgres_env is the only one
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {}.{} "
+            "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
+        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(statement, (list(upto),))
+            rows = cursor.fetchall()
+        histories: dict[UUID, list[Any]] = {}
+        for row in rows:
+            last = upto[row["originator_id"]]
+            if last is not None and row["originator_version"] > last:
+                continue  # later than wanted: not worth decoding
+            stored = StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            histories.setdefault(row["originator_id"], []).append(
+                self.mapper.to_domain_event(stored)
+            )
+        return histories
 
     def _one_by_one(
         self, commands: Sequence[tuple[str, Callable[[Job], T]]]
@@ -645,6 +716,14 @@ def _file_facts(file: File) -> FileFacts:
         created_at=file.created_on,
         used_by=file.used_by,
     )
+
+
+def _folded(events: Sequence[Any]) -> Any:
+    """An aggregate from its events, as the library's repository builds it."""
+    aggregate: Any = None
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
 
 
 def _fold(events: Sequence[Any]) -> JobRow:

@@ -19,7 +19,8 @@ from domain.errors import (
     JobNotFound,
 )
 from domain.jobs import Job, aggregate_id_of
-from tests.integration.helpers import spec
+from tests.integration.helpers import run_to_completion, spec
+from tests.unit.job_builders import RIG
 
 
 @pytest.fixture
@@ -194,3 +195,21 @@ def test_change_jobs_runs_each_command_alone_when_another_writer_got_in_first(
     assert results[1] is None
     assert stored_events(database_url, job_id) == [(1, "Submitted"), (2, "Canceled")]
     assert [v for v, _ in stored_events(database_url, other)] == [1, 2]
+
+
+def test_jobs_now_reads_many_jobs_as_the_repository_would(ledger: JobLedger) -> None:
+    first = ledger.submit(owner="alice", spec=spec(), idempotency_key=None).job_id
+    second = ledger.submit(owner="bob", spec=spec(model="llama"), idempotency_key=None).job_id
+    run_to_completion(ledger, second)
+    miner, _ = ledger.register_miner("m", RIG)
+    found = ledger.jobs_now(
+        [first, second, "job_" + "0" * 32, "not-a-job-id", "job_" + miner.id.hex]
+    )
+    assert set(found) == {first, second}  # unknown, malformed and a miner's id: left out
+    for job_id, job in found.items():
+        expected = ledger.job(job_id)
+        assert (job.version, job.status, job.owner) == (
+            expected.version,
+            expected.status,
+            expected.owner,
+        )

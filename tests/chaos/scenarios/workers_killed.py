@@ -51,9 +51,10 @@ from tests.chaos.lab import Lab, new_prefix
 from tests.chaos.result import Result
 
 # `seconds` sizes the run: the log starts with LOG_EVENTS_PER_SECOND events per second
-# (the relay, the slower worker, publishes about 1000 a second here), and the process is
-# killed once per SECONDS_PER_KILL, at least MIN_KILLS + 1 times.
-LOG_EVENTS_PER_SECOND = 800
+# (enough that both workers are still catching up when each kill lands: the relay,
+# pipelined, publishes several thousand a second here), and the process is killed once
+# per SECONDS_PER_KILL, at least MIN_KILLS + 1 times.
+LOG_EVENTS_PER_SECOND = 4000
 SECONDS_PER_KILL = 12
 MIN_KILLS = 3
 JOBS_PER_TRANSACTION = 100
@@ -64,7 +65,7 @@ APPENDED_JOBS_PER_SECOND = 10
 WORKERS = {"projection": tables.PROJECTION_NAME, "relay": RELAY_NAME}
 # About how long one batch takes each worker here: the kill comes up to that long after
 # the worker is seen passing its point, so it lands anywhere in a batch.
-BATCH_SECONDS = {"projection": 0.1, "relay": 0.5}
+BATCH_SECONDS = {"projection": 0.1, "relay": 0.1}
 POLL_SECONDS = 0.05
 # Limits that only a stuck ledger reaches; the scenario decides by positions, not by time.
 PROGRESS_LIMIT_SECONDS = 120.0
