@@ -4,19 +4,20 @@ One scheduler acts at a time (a PostgreSQL advisory lock; the others stand by), 
 every decision is still a domain command saved with optimistic concurrency, so even
 two acting schedulers could not assign one attempt twice. Each round it
 
-1. applies what held jobs need (`domain.scheduling.verdict`): timeouts, requeues when a
-   miner went silent for a lease, was deregistered or lost the job, and cancels whose
-   miner never confirmed. A job counts as lost only once its miner's heartbeats left
-   it out for a lease after the relay published the assignment: one still in the
-   outbox (NATS or the relay stalled) cannot be held yet;
+1. applies, at most four times a second, what held jobs need
+   (`domain.scheduling.verdict`): timeouts, requeues when a miner went silent for a
+   lease, was deregistered or lost the job, and cancels whose miner never confirmed.
+   A job counts as lost only once its miner's heartbeats left it out for a lease
+   after the relay published the assignment: one still in the outbox (NATS or the
+   relay stalled) cannot be held yet;
 2. plans and writes assignments (`domain.scheduling.plan`), then waits until the views
    include them, so the next round counts its own assignments against capacity;
-3. records why each job left pending waits (`pending_reason` in the status).
+3. records, at most once a second, why each job left pending waits (`pending_reason`).
 
-Rounds run whenever the views move and at least twice a second, but a round waits as
-long after the previous one as that one took: with thousands of jobs pending under a
-submission burst, rounds then take at most about half of a core instead of all of it,
-and an idle ledger still reacts to a submission within milliseconds.
+Rounds run whenever the views move and at least twice a second. A round that assigned
+nothing rests as long as it worked before the next: with thousands of jobs pending and
+no free miner, rounds then take at most about half of a core instead of all of it, and
+an idle ledger still reacts to a submission within milliseconds.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ log = logging.getLogger("jobledger.scheduler")
 _LEADER_LOCK_ID = 0x6A6C_7363  # "jlsc"
 _SCHEMA_LOCK_ID = 0x6A6C_7364  # "jlsd"
 ROUND_SECONDS = 0.5
+# Pending reasons are rewritten at most this often.
+REASONS_SECONDS = 1.0
+# Held jobs are judged at most this often: leases, timeouts and cancel graces are
+# seconds long, and a round comes every few milliseconds under load.
+HELD_SECONDS = 0.25
 # Pending jobs considered per round, in queue order; the rest wait for the next round.
 PENDING_WINDOW = 2000
 
@@ -148,6 +154,8 @@ class Scheduler:
         # The pending reasons as last written, so a round writes only what changed.
         self._recorded_reasons: dict[str, str] = {}
         self._first_reasons = True
+        self._reasons_at = 0.0
+        self._settled_at = -HELD_SECONDS
         # When each held attempt's assignment was first seen published by the relay, and
         # for those not yet, the views' position the relay must reach (it goes in log
         # order). A miner can only list in its heartbeats what it could have received.
@@ -180,17 +188,21 @@ class Scheduler:
             self._recorded_reasons = {}
             self._first_reasons = True
             loop = asyncio.get_running_loop()
+            checked = loop.time()
             while True:
                 seen = self._views.position
                 began = loop.time()
                 written = await self.run_round(watching_since)
-                spent = loop.time() - began
-                # The next round counts this one's assignments against capacity.
                 if written:
+                    # The next round counts this one's assignments against capacity.
                     await self._views.wait_for(written, self._view_wait_seconds)
-                await lock.execute("SELECT 1")  # the lock lives with this connection
-                # Pace: rest as long as the round worked, then go at once if the views moved.
-                await asyncio.sleep(spent)
+                else:
+                    # Nothing assigned: rest as long as the round worked, so that a burst of
+                    # submissions with no free miner does not keep a core busy re-planning.
+                    await asyncio.sleep(loop.time() - began)
+                if loop.time() - checked >= ROUND_SECONDS:
+                    await lock.execute("SELECT 1")  # the lock lives with this connection
+                    checked = loop.time()
                 await self._views.wait_for(seen + 1, ROUND_SECONDS)
 
     async def run_round(self, watching_since: datetime) -> int:
@@ -198,7 +210,10 @@ class Scheduler:
 
         Returns the log position its assignments were written at (0: none).
         """
-        await self._settle_held(watching_since)
+        now = asyncio.get_running_loop().time()
+        if now - self._settled_at >= HELD_SECONDS:
+            self._settled_at = now
+            await self._settle_held(watching_since)
         return await self._assign()
 
     async def _settle_held(self, watching_since: datetime) -> None:
@@ -306,7 +321,16 @@ class Scheduler:
         return plan(list(self._pending.values()), miners)
 
     async def _record_reasons(self, reasons: dict[str, str]) -> None:
-        """Write only what changed since the last round (all of it in a new term)."""
+        """Write what changed since the last recording (all of it in a new term).
+
+        At most once per REASONS_SECONDS: under load a round comes every few
+        milliseconds, and rewriting the reasons of a sliding window of thousands of
+        jobs each time was most of a round's work. A reason is for a job that waits.
+        """
+        now = asyncio.get_running_loop().time()
+        if not self._first_reasons and now - self._reasons_at < REASONS_SECONDS:
+            return
+        self._reasons_at = now
         recorded = self._recorded_reasons
         changed = [(job_id, why) for job_id, why in reasons.items() if recorded.get(job_id) != why]
         gone = [job_id for job_id in recorded if job_id not in reasons]
