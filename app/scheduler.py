@@ -11,7 +11,9 @@ two acting schedulers could not assign one attempt twice. Each round it
    after the relay published the assignment: one still in the outbox (NATS or the
    relay stalled) cannot be held yet;
 2. plans and writes assignments (`domain.scheduling.plan`), then waits until the views
-   include them, so the next round counts its own assignments against capacity;
+   include them, so the next round counts its own assignments against capacity. When
+   no live miner has a free slot there is nothing to plan, and the pending queue is
+   not read at all, unless the reasons are due;
 3. records, at most once a second, why each job left pending waits (`pending_reason`).
 
 Rounds run whenever the views move and at least twice a second. A round that assigned
@@ -297,6 +299,8 @@ class Scheduler:
             async with conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(_MINERS, (self._leases.lease.total_seconds(),))
                 miners = [MinerOffer(**row) for row in await cur.fetchall()]
+            if not any(m.online and m.free > 0 for m in miners) and not self._reasons_due():
+                return 0  # nobody can take a job, and the reasons are fresh: nothing to plan
             async with conn.cursor() as cur:
                 # Plain tuples: thousands of rows a round, and dicts cost more than the query.
                 await cur.execute(_PENDING, (PENDING_WINDOW,))
@@ -320,6 +324,10 @@ class Scheduler:
         self._pending = {row: known.get(row) or _pending_job(row) for row in rows}
         return plan(list(self._pending.values()), miners)
 
+    def _reasons_due(self) -> bool:
+        elapsed = asyncio.get_running_loop().time() - self._reasons_at
+        return self._first_reasons or elapsed >= REASONS_SECONDS
+
     async def _record_reasons(self, reasons: dict[str, str]) -> None:
         """Write what changed since the last recording (all of it in a new term).
 
@@ -327,10 +335,9 @@ class Scheduler:
         milliseconds, and rewriting the reasons of a sliding window of thousands of
         jobs each time was most of a round's work. A reason is for a job that waits.
         """
-        now = asyncio.get_running_loop().time()
-        if not self._first_reasons and now - self._reasons_at < REASONS_SECONDS:
+        if not self._reasons_due():
             return
-        self._reasons_at = now
+        self._reasons_at = asyncio.get_running_loop().time()
         recorded = self._recorded_reasons
         changed = [(job_id, why) for job_id, why in reasons.items() if recorded.get(job_id) != why]
         gone = [job_id for job_id in recorded if job_id not in reasons]
