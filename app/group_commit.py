@@ -36,6 +36,10 @@ log = logging.getLogger("jobledger.group_commit")
 
 # Submissions in one transaction at most; more wait for the next (they are not dropped).
 MAX_BATCH = 500
+# Inline input bytes in one transaction at most (a larger submission goes alone): the
+# event store's insert stalls for good once one call carries about 4.5 MB (psycopg
+# pipeline with the recorder's composite-array insert; see test_group_commit.py).
+MAX_BATCH_BYTES = 1024 * 1024
 # Batches in progress at once: one being built while another commits.
 WRITERS = 2
 # How old the runtime figures behind an estimate may be.
@@ -47,13 +51,14 @@ History = Callable[[Collection[Kind]], Awaitable[dict[Kind, RuntimeStats]]]
 
 
 class _Waiting:
-    """A queued submission and the future its request handler awaits."""
+    """A queued submission, its inline input's size, and the future its handler awaits."""
 
-    __slots__ = ("answer", "request")
+    __slots__ = ("answer", "request", "size")
 
     def __init__(self, request: SubmitRequest, answer: asyncio.Future[Submitted]) -> None:
         self.request = request
         self.answer = answer
+        self.size = len((request.spec.input_text or "").encode())
 
 
 class GroupCommit:
@@ -87,10 +92,18 @@ class GroupCommit:
         return await answer
 
     async def _write(self) -> None:
+        carried: _Waiting | None = None  # what did not fit the last batch: it starts the next
         while True:
-            batch = [await self._queue.get()]
+            batch = [carried or await self._queue.get()]
+            carried = None
+            size = batch[0].size
             while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                waiting = self._queue.get_nowait()
+                if size + waiting.size > MAX_BATCH_BYTES:
+                    carried = waiting
+                    break
+                batch.append(waiting)
+                size += waiting.size
             try:
                 requests = await self._with_history([waiting.request for waiting in batch])
                 outcomes = await to_thread.run_sync(self._ledger.submit_many, requests)

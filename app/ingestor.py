@@ -21,7 +21,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -49,6 +49,10 @@ log = logging.getLogger("jobledger.ingestor")
 
 # Reports applied, and committed, together.
 FETCH_BATCH = 64
+# ...as long as their messages add up to at most this many bytes: inline results may be
+# 256 KiB each, and the event store's insert stalls for good once one call carries about
+# 4.5 MB (see app/group_commit.MAX_BATCH_BYTES).
+MAX_APPLY_BYTES = 1024 * 1024
 # An unexpected error gets this many deliveries before the report is dead-lettered.
 MAX_UNEXPECTED_DELIVERIES = 5
 ACK_WAIT_SECONDS = 30.0
@@ -399,6 +403,23 @@ def _apply(
                 job.give_back(RequeueCause.MINER_RELEASED, max_attempts=max_attempts)
 
 
+def _by_size(
+    decoded: list[tuple[Msg, str, protocol.Report]], most: int
+) -> Iterator[list[tuple[Msg, str, protocol.Report]]]:
+    """Consecutive runs of reports whose messages add up to at most `most` bytes (or one)."""
+    chunk: list[tuple[Msg, str, protocol.Report]] = []
+    size = 0
+    for item in decoded:
+        length = len(item[0].data)
+        if chunk and size + length > most:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += length
+    if chunk:
+        yield chunk
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """What `{prefix}.dead.reports` carries: the original message and why it was dropped."""
 
@@ -456,14 +477,18 @@ class Ingestor:
         """Apply a fetched batch in stream order, in one transaction, then settle each message.
 
         One commit for the whole batch is what lets reports keep up with many miners;
-        each message is still acknowledged only after that commit.
+        each message is still acknowledged only after that commit. Large reports (inline
+        results) split the batch into several transactions of at most MAX_APPLY_BYTES.
         """
         decoded: list[tuple[Msg, str, protocol.Report]] = []
         for message in messages:
             if (item := await self._decoded(message)) is not None:
                 decoded.append((message, *item))
-        if not decoded:
-            return
+        for chunk in _by_size(decoded, MAX_APPLY_BYTES):
+            await self._apply(chunk)
+
+    async def _apply(self, decoded: list[tuple[Msg, str, protocol.Report]]) -> None:
+        """Apply decoded reports in one transaction, then settle each message."""
         reports = [(job_id, report) for _, job_id, report in decoded]
         try:
             # Stored results are looked up first, outside the transaction (it is async I/O).

@@ -145,3 +145,26 @@ async def test_estimates_use_runtime_figures_read_at_most_once_a_second_per_kind
     assert all(o.estimated_time_seconds == 60 for o in again)
     assert other.estimated_time_seconds == 600  # nothing learned about llama: the default
     assert asked == [{("gpt2", "v100")}, {("llama", "v100")}]
+
+
+async def test_large_inputs_are_split_across_transactions_and_all_commit(
+    ledger: JobLedger, database_url: str
+) -> None:
+    """Eight 700 KB inputs are 5.6 MB: in one insert the event store would stall for good."""
+
+    async def no_history(kinds: object) -> dict[tuple[str, str], RuntimeStats]:
+        return {}
+
+    writer = GroupCommit(ledger, no_history)
+    await writer.start()
+    try:
+        big = "x" * 700_000
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(writer.submit(request(f"big-{n}", input_text=big)) for n in range(8))),
+            timeout=60,
+        )
+    finally:
+        await writer.stop()
+    assert all(o.created for o in outcomes)
+    # At most one megabyte of input per transaction: one 700 KB input each.
+    assert len(transactions_of(database_url, [o.job_id for o in outcomes])) == 8
