@@ -70,7 +70,7 @@ class JobQueries:
         async with self._pool.connection() as conn:
             async with conn.cursor(row_factory=class_row(JobRow)) as cur:
                 rows = await _fetch_page(cur, where, params, limit, before_seq)
-            total = await _count(conn.cursor(), where, params)
+            total = await _total(conn.cursor(), owner=owner, status=status)
         return JobPage(rows=rows[:limit], total=total, has_more=len(rows) > limit)
 
     async def history(
@@ -163,10 +163,13 @@ async def _fetch_page(
     return await cur.fetchall()
 
 
-async def _count(cur: AsyncCursor[Any], where: list[str], params: list[Any]) -> int:
+async def _total(cur: AsyncCursor[Any], *, owner: str | None, status: str | None) -> int:
+    """How many jobs a list matches, from the counts the projection keeps (no row count)."""
+    where, params = _filters(owner=owner, status=status)
     async with cur:
         await cur.execute(
-            f"SELECT count(*) FROM jobledger_job_views WHERE {' AND '.join(where)}", params
+            f"SELECT coalesce(sum(jobs), 0) FROM jobledger_job_counts WHERE {' AND '.join(where)}",
+            params,
         )
         found = await cur.fetchone()
     return int(found[0]) if found else 0

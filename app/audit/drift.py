@@ -84,6 +84,7 @@ class _Table(NamedTuple):
 # Every table the projection derives from the log, with its primary key.
 COMPARED = (
     _Table("jobledger_job_views", ("job_id",), "job views"),
+    _Table("jobledger_job_counts", ("owner", "status"), "job counts"),
     _Table("jobledger_runtime_stats", ("model", "gpu_type"), "runtime stats"),
     _Table("jobledger_miner_views", ("miner_id",), "miner views"),
     _Table("jobledger_miner_stats", ("miner_id",), "miner stats"),

@@ -27,6 +27,7 @@ TERMINAL_EVENTS = {"JobCompleted", "JobFailed", "JobCanceled", "JobTimedOut"}
 # (Miner *views* also carry heartbeat columns written outside the log, so they are left out.)
 REBUILT_TABLES = {
     "jobledger_job_views": "job_id",
+    "jobledger_job_counts": "owner, status",
     "jobledger_miner_stats": "miner_id",
     "jobledger_runtime_stats": "model, gpu_type",
 }

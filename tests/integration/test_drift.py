@@ -94,6 +94,7 @@ def test_a_healthy_ledger_has_no_drift_and_leaves_nothing_behind(world: World) -
     assert report.position == world.ledger.head()
     assert report.tables == {
         "jobledger_job_views": 3,
+        "jobledger_job_counts": 2,
         "jobledger_runtime_stats": 1,
         "jobledger_miner_views": 1,
         "jobledger_miner_stats": 1,
@@ -290,7 +291,7 @@ def test_run_drift_prints_the_verdict_and_exits_0_or_1(
     head = world.ledger.head()
     assert run_drift(settings) == 0
     assert capsys.readouterr().out == (
-        "compared 3 job views, 1 runtime stats, 1 miner views, 1 miner stats "
+        "compared 3 job views, 2 job counts, 1 runtime stats, 1 miner views, 1 miner stats "
         f"at log position {head}: no drift\n"
     )
 
@@ -313,7 +314,7 @@ def test_run_drift_prints_the_verdict_and_exits_0_or_1(
     )
     assert capsys.readouterr().out.splitlines() == [
         *rows,
-        "compared 3 job views, 1 runtime stats, 1 miner views, 1 miner stats "
+        "compared 3 job views, 2 job counts, 1 runtime stats, 1 miner views, 1 miner stats "
         f"at log position {head}: 2 differences",
     ]
 

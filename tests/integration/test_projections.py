@@ -146,3 +146,42 @@ def test_estimates_learn_from_completed_jobs(
     assert learned.estimated_time_seconds < 600
     other_model = ledger.submit(owner="alice", spec=spec(model="llama"), idempotency_key=None)
     assert other_model.estimated_time_seconds == 600
+
+
+def counted(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
+    rows = conn.execute("SELECT owner, status, jobs FROM jobledger_job_counts").fetchall()
+    return {(owner, status): jobs for owner, status, jobs in rows}
+
+
+def actual(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
+    rows = conn.execute(
+        "SELECT owner, status, count(*) FROM jobledger_job_views GROUP BY owner, status"
+    ).fetchall()
+    return {(owner, status): jobs for owner, status, jobs in rows}
+
+
+def test_counts_follow_every_status_change_in_batches_of_any_size(
+    ledger: JobLedger, conn: psycopg.Connection[Any], database_url: str
+) -> None:
+    a_busy_log(ledger)
+    # One event at a time, then the rest in one batch: a job may change twice in a batch.
+    position = tables.read_position(conn)
+    for seq, event in ledger.read_log(position + 1, 5):
+        tables.apply_batch(conn, [(seq, event)])
+    Projector(ledger, "unused").catch_up(conn)
+    assert counted(conn) == actual(conn)
+    assert sum(counted(conn).values()) == 12
+    rebuild(ledger, database_url)
+    assert counted(conn) == actual(conn)
+
+
+def test_counts_are_made_once_for_views_built_before_them(
+    ledger: JobLedger, conn: psycopg.Connection[Any]
+) -> None:
+    a_busy_log(ledger)
+    Projector(ledger, "unused").catch_up(conn)
+    conn.execute("DROP TABLE jobledger_job_counts")  # as a database from before the counts
+    tables.create_schema(conn)
+    assert counted(conn) == actual(conn)
+    tables.create_schema(conn)  # and only once: a second start counts nothing twice
+    assert counted(conn) == actual(conn)
