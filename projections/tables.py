@@ -217,7 +217,7 @@ def _load_rows(cur: Cursor[Any], job_ids: Sequence[str]) -> dict[str, JobRow]:
         return {row.job_id: row for row in rows}
 
 
-def _save_stats(cur: Cursor[Any], samples: list[RuntimeSample]) -> None:
+def save_runtime_stats(cur: Cursor[Any], samples: list[RuntimeSample]) -> None:
     keys = {(s.model, s.gpu_type) for s in samples}
     cur.execute(
         "SELECT model, gpu_type, completed, mean_seconds FROM jobledger_runtime_stats "
@@ -237,7 +237,7 @@ def _save_stats(cur: Cursor[Any], samples: list[RuntimeSample]) -> None:
     )
 
 
-def _save_miner_stats(cur: Cursor[Any], deltas: list[MinerStats]) -> None:
+def save_miner_stats(cur: Cursor[Any], deltas: list[MinerStats]) -> None:
     with cur.connection.cursor(row_factory=class_row(MinerStats)) as rows:
         rows.execute(
             f"SELECT {', '.join(MINER_STATS_COLUMNS)} FROM jobledger_miner_stats "
@@ -251,7 +251,7 @@ def _save_miner_stats(cur: Cursor[Any], deltas: list[MinerStats]) -> None:
     cur.executemany(_UPSERT_MINER_STATS, [msgspec.structs.astuple(s) for s in stats.values()])
 
 
-def _save_counts(cur: Cursor[Any], before: dict[str, JobRow], after: dict[str, JobRow]) -> None:
+def save_counts(cur: Cursor[Any], before: dict[str, JobRow], after: dict[str, JobRow]) -> None:
     """Move each changed job from its old (owner, status) count to its new one."""
     deltas: Counter[tuple[str, str]] = Counter()
     for job_id, row in after.items():
@@ -284,11 +284,11 @@ def _apply_job_events(cur: Cursor[Any], job_events: Sequence[tuple[int, Any]]) -
             deltas.append(delta)
         rows[job_id] = changed[job_id] = fold(before, event, seq)
     cur.executemany(_UPSERT_ROW, [_row_params(row) for row in changed.values()])
-    _save_counts(cur, loaded, changed)
+    save_counts(cur, loaded, changed)
     if samples:
-        _save_stats(cur, samples)
+        save_runtime_stats(cur, samples)
     if deltas:
-        _save_miner_stats(cur, deltas)
+        save_miner_stats(cur, deltas)
 
 
 def _apply_miner_events(cur: Cursor[Any], miner_events: Sequence[tuple[int, Any]]) -> None:
