@@ -57,6 +57,10 @@ class Projector:
             # the WAL flush takes a disk sync off every batch, and off the path between a
             # write and its visibility in the views.
             conn.execute("SET synchronous_commit TO off")
+            # Re-plan every batch's statements with their real parameters: a generic plan
+            # cached while the views were empty (a sequential scan of a "tiny" table) stayed
+            # on this connection as they grew, and each batch then read every row.
+            conn.execute("SET plan_cache_mode TO force_custom_plan")
             while not stop.is_set():
                 self.catch_up(conn)
                 # Any NOTIFY wakes us at once; the timeout bounds a missed one.

@@ -448,7 +448,9 @@ class JobLedger(Application[UUID]):
             "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
         ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
         with recorder.datastore.transaction(commit=False) as cursor:
-            cursor.execute(statement, (list(upto),))
+            # Never prepared: a generic plan made while the log was small (a sequential
+            # scan) would stay on the pooled connection and read the whole log each time.
+            cursor.execute(statement, (list(upto),), prepare=False)
             rows = cursor.fetchall()
         histories: dict[UUID, list[Any]] = {}
         for row in rows:
