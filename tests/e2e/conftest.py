@@ -11,11 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.nats_names import fresh_prefix
+
+if TYPE_CHECKING:
+    from tests.chaos.lab import Lab
 
 STARTUP_SECONDS = 60
 
@@ -170,3 +174,13 @@ SEED_JOB = {
     "priority": "normal",
     "timeout_seconds": 3600,
 }
+
+
+@pytest.fixture
+def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iterator[Lab]:
+    """A chaos/bench lab on the suite's servers: fresh databases, processes stopped after."""
+    from tests.chaos.lab import Lab  # here: tests.chaos.lab itself imports this module
+
+    lab = Lab(workdir=tmp_path, make_database=make_database, nats_url=nats_url)
+    yield lab
+    lab.close()

@@ -9,8 +9,6 @@ Celery and a redis-server are dev dependencies; without them these fail, they do
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,13 +17,6 @@ from tests.bench.report import Comparison, render
 from tests.chaos.lab import Lab
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(workdir=tmp_path, make_database=make_database, nats_url=nats_url)
-    yield lab
-    lab.close()
 
 
 def figures(comparison: Comparison) -> dict[str, float]:

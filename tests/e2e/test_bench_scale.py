@@ -8,8 +8,6 @@ audit chain verifies and its views match a rebuild from its log.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -24,13 +22,6 @@ from tests.bench.generator import BENCH_OWNER, generate
 from tests.chaos.lab import Lab
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(workdir=tmp_path, make_database=make_database, nats_url=nats_url)
-    yield lab
-    lab.close()
 
 
 def test_a_generated_ledger_verifies_and_its_views_match_a_rebuild(lab: Lab) -> None:

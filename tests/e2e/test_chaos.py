@@ -5,22 +5,12 @@ Each scenario returns its figures and checks; the test fails with the whole repo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
 import pytest
 
 from tests.chaos.lab import Lab
 from tests.chaos.scenarios import SCENARIOS, Scenario
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def lab(make_database: Callable[[], str], nats_url: str, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(workdir=tmp_path, make_database=make_database, nats_url=nats_url)
-    yield lab
-    lab.close()
 
 
 IN_SUITE = [scenario for scenario in SCENARIOS if scenario.in_test_suite]

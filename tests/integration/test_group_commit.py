@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 
 import psycopg
@@ -21,6 +21,19 @@ def ledger(database_url: str) -> Iterator[JobLedger]:
     ledger = JobLedger(postgres_env(database_url))
     yield ledger
     ledger.close()
+
+
+@pytest.fixture
+async def writer(ledger: JobLedger) -> AsyncIterator[GroupCommit]:
+    """Group commit with no runtime history (every estimate is the default)."""
+
+    async def no_history(kinds: object) -> dict[tuple[str, str], RuntimeStats]:
+        return {}
+
+    writer = GroupCommit(ledger, no_history)
+    await writer.start()
+    yield writer
+    await writer.stop()
 
 
 def request(key: str | None = None, owner: str = "alice", **changes: object) -> SubmitRequest:
@@ -100,20 +113,12 @@ def test_a_file_named_twice_in_a_batch_is_used_by_both_jobs(ledger: JobLedger) -
 
 
 async def test_concurrent_callers_share_commits_and_each_hears_its_own_job(
-    ledger: JobLedger, database_url: str
+    ledger: JobLedger, writer: GroupCommit, database_url: str
 ) -> None:
-    async def no_history(kinds: object) -> dict[tuple[str, str], RuntimeStats]:
-        return {}
-
-    writer = GroupCommit(ledger, no_history)
-    await writer.start()
-    try:
-        outcomes = await asyncio.gather(*(writer.submit(request(f"c-{n}")) for n in range(200)))
-        conflict = await asyncio.gather(
-            writer.submit(request("c-1", model="llama")), return_exceptions=True
-        )
-    finally:
-        await writer.stop()
+    outcomes = await asyncio.gather(*(writer.submit(request(f"c-{n}")) for n in range(200)))
+    conflict = await asyncio.gather(
+        writer.submit(request("c-1", model="llama")), return_exceptions=True
+    )
     assert len({o.job_id for o in outcomes}) == 200 and all(o.created for o in outcomes)
     assert isinstance(conflict[0], IdempotencyConflict)
     # They queued while earlier batches committed, so fewer commits than submissions.
@@ -148,23 +153,14 @@ async def test_estimates_use_runtime_figures_read_at_most_once_a_second_per_kind
 
 
 async def test_large_inputs_are_split_across_transactions_and_all_commit(
-    ledger: JobLedger, database_url: str
+    writer: GroupCommit, database_url: str
 ) -> None:
     """Eight 700 KB inputs are 5.6 MB: in one insert the event store would stall for good."""
-
-    async def no_history(kinds: object) -> dict[tuple[str, str], RuntimeStats]:
-        return {}
-
-    writer = GroupCommit(ledger, no_history)
-    await writer.start()
-    try:
-        big = "x" * 700_000
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(writer.submit(request(f"big-{n}", input_text=big)) for n in range(8))),
-            timeout=60,
-        )
-    finally:
-        await writer.stop()
+    big = "x" * 700_000
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(writer.submit(request(f"big-{n}", input_text=big)) for n in range(8))),
+        timeout=60,
+    )
     assert all(o.created for o in outcomes)
     # At most one megabyte of input per transaction: one 700 KB input each.
     assert len(transactions_of(database_url, [o.job_id for o in outcomes])) == 8

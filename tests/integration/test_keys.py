@@ -258,48 +258,46 @@ async def test_schema_creation_is_idempotent_and_concurrency_safe(pg_pool: Pool)
     assert await ApiKeys(pg_pool).authenticate(key) == principal
 
 
-async def test_a_cached_key_revoked_by_hand_stops_working_at_once(
-    pg_pool: Pool, database_url: str
-) -> None:
-    """Any change to the key table empties every process's cache: even SQL by hand."""
+@pytest.fixture
+async def cache(pg_pool: Pool, database_url: str) -> AsyncIterator[KeyCache]:
     await create_schema(pg_pool)
     cache = await listening_cache(database_url)
-    try:
-        keys = ApiKeys(pg_pool, cache)
-        principal, key = await keys.create(Role.CLIENT, "alice")
-        assert await keys.authenticate(key) == principal
-        assert cache.get(key) == principal  # the next request will not read the table
-        async with pg_pool.connection() as conn:
-            await conn.execute(
-                "UPDATE jobledger_api_keys SET revoked_at = now() WHERE key_id = %s",
-                (principal.key_id,),
-            )
-        for _ in range(100):
-            if cache.get(key) is None:
-                break
-            await asyncio.sleep(0.01)
-        assert cache.get(key) is None
-        assert await keys.authenticate(key) is None
-    finally:
-        await cache.stop()
+    yield cache
+    await cache.stop()
+
+
+async def test_a_cached_key_revoked_by_hand_stops_working_at_once(
+    pg_pool: Pool, cache: KeyCache
+) -> None:
+    """Any change to the key table empties every process's cache: even SQL by hand."""
+    keys = ApiKeys(pg_pool, cache)
+    principal, key = await keys.create(Role.CLIENT, "alice")
+    assert await keys.authenticate(key) == principal
+    assert cache.get(key) == principal  # the next request will not read the table
+    async with pg_pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobledger_api_keys SET revoked_at = now() WHERE key_id = %s",
+            (principal.key_id,),
+        )
+    for _ in range(100):
+        if cache.get(key) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.get(key) is None
+    assert await keys.authenticate(key) is None
 
 
 async def test_a_lookup_that_raced_with_a_change_is_not_cached(
-    pg_pool: Pool, database_url: str
+    pg_pool: Pool, cache: KeyCache
 ) -> None:
-    await create_schema(pg_pool)
-    cache = await listening_cache(database_url)
-    try:
-        keys = ApiKeys(pg_pool, cache)
-        principal, key = await keys.create(Role.CLIENT, "bob")
-        before = cache.generation
-        _, other = await keys.create(Role.CLIENT, "carol")
-        await keys.revoke((await keys.authenticate(other)).key_id)  # a change announced...
-        for _ in range(100):
-            if cache.generation != before:
-                break
-            await asyncio.sleep(0.01)
-        cache.put(key, principal, before)  # ...after this lookup began: not kept
-        assert cache.get(key) is None
-    finally:
-        await cache.stop()
+    keys = ApiKeys(pg_pool, cache)
+    principal, key = await keys.create(Role.CLIENT, "bob")
+    before = cache.generation
+    _, other = await keys.create(Role.CLIENT, "carol")
+    await keys.revoke((await keys.authenticate(other)).key_id)  # a change announced...
+    for _ in range(100):
+        if cache.generation != before:
+            break
+        await asyncio.sleep(0.01)
+    cache.put(key, principal, before)  # ...after this lookup began: not kept
+    assert cache.get(key) is None
