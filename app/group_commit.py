@@ -44,6 +44,9 @@ MAX_BATCH_BYTES = 1024 * 1024
 WRITERS = 2
 # How old the runtime figures behind an estimate may be.
 HISTORY_SECONDS = 1.0
+# Past this many kinds of job remembered, the figures older than HISTORY_SECONDS (which
+# would be read again anyway) are forgotten.
+MAX_KINDS = 1024
 
 Kind = tuple[str, str]  # (model, gpu_type)
 # What completed jobs took, per kind: `JobQueries.runtime_stats`.
@@ -108,7 +111,7 @@ class GroupCommit:
                 requests = await self._with_history([waiting.request for waiting in batch])
                 outcomes = await to_thread.run_sync(self._ledger.submit_many, requests)
             except asyncio.CancelledError:
-                for waiting in batch:
+                for waiting in [*batch, *([carried] if carried else [])]:
                     _answer(waiting, _stopping())
                 raise
             except Exception as error:  # the database is down, say: every caller hears it
@@ -128,6 +131,8 @@ class GroupCommit:
         ]
         if stale:
             found = await self._history(stale)
+            if len(self._known) > MAX_KINDS:  # models are the clients' names: keep it bounded
+                self._known = {k: v for k, v in self._known.items() if now - v[1] < HISTORY_SECONDS}
             for kind in stale:
                 self._known[kind] = (found.get(kind), now)
         return [
