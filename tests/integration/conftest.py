@@ -1,11 +1,21 @@
 """Fixtures shared by the integration tests."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+
+from app.store import JobLedger, postgres_env
+
+
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[JobLedger]:
+    """The ledger on a fresh database (its event table is created on first use)."""
+    ledger = JobLedger(postgres_env(database_url))
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.store import FileFacts, JobLedger, postgres_env
+from app.store import FileFacts, JobLedger
 from domain.errors import (
     FileInUse,
     FileNotFound,
@@ -19,13 +18,6 @@ from domain.errors import (
 from tests.integration.helpers import spec
 
 DIGEST = hashlib.sha256(b"prompts").hexdigest()
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 def upload(ledger: JobLedger, owner: str = "alice", sha256: str = DIGEST, where: str = "a"):

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import psycopg
 import pytest
 
 from app.group_commit import GroupCommit
-from app.store import JobLedger, SubmitRequest, Submitted, postgres_env
+from app.store import JobLedger, SubmitRequest, Submitted
 from domain.errors import IdempotencyConflict, InvalidJobRequest
 from domain.pricing import RuntimeStats
 from tests.integration.helpers import spec
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 @pytest.fixture

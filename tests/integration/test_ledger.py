@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -10,7 +9,7 @@ import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from app.store import JobLedger, postgres_env
+from app.store import JobLedger
 from domain.errors import (
     Conflict,
     IdempotencyConflict,
@@ -21,13 +20,6 @@ from domain.errors import (
 from domain.jobs import Job, aggregate_id_of
 from tests.integration.helpers import run_to_completion, spec
 from tests.unit.job_builders import RIG
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 def stored_events(database_url: str, job_id: str) -> list[tuple[int, str]]:

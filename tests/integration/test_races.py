@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +53,6 @@ BARRIER_SECONDS = 30.0
 # The longest a late racer waits after the barrier opens.
 MAX_DELAY_SECONDS = 0.2
 HTTP_COMPLETION_DELAY_SECONDS = 0.1
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 @dataclass(frozen=True)

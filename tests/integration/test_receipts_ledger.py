@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,19 +25,12 @@ from app.receipts import (
     sign_claims,
     verify_receipt,
 )
-from app.store import JobLedger, event_type_name, postgres_env
+from app.store import JobLedger, event_type_name
 from domain.jobs import RequeueCause, job_id_of
 from domain.miners import Miner, miner_id_of
 from tests.integration.test_reports import MAX_ATTEMPTS, OUTPUT, Scene, inline, make_scene, now
 
 METRICS = protocol.Metrics(execution_seconds=0.25, gpu_seconds=0.25)
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 def give_key(ledger: JobLedger, miner_id: str) -> Ed25519PrivateKey:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from itertools import pairwise
@@ -15,7 +14,7 @@ import pytest
 
 from app.audit.replay import job_as_of, parse_as_of, run_replay
 from app.config import Settings
-from app.store import JobLedger, postgres_env
+from app.store import JobLedger
 from domain.errors import InvalidJobRequest, JobNotFound
 from domain.jobs import RequeueCause, aggregate_id_of
 from projections.jobs import JobRow, fold
@@ -36,13 +35,6 @@ EXPECTED = [
     ("JobProgressReported", "running", 60, 2, "miner_b", False),
     ("JobCompleted", "completed", 100, 2, "miner_b", True),
 ]
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 @pytest.fixture

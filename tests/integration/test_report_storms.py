@@ -54,13 +54,6 @@ Report = tuple[str, protocol.Report]
 
 
 @pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
 def conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection with the view tables created."""
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from app import protocol
 from app.ingestor import Outcome, apply_report, billed_seconds
 from app.receipts import encode_public_key, key_id_of, raw_public_key
-from app.store import JobLedger, postgres_env
+from app.store import JobLedger
 from domain.errors import JobNotFound, NotFound
 from domain.jobs import RequeueCause
 from domain.miners import Capabilities
@@ -23,13 +23,6 @@ from tests.integration.helpers import spec
 MAX_ATTEMPTS = 3
 TERMINAL_EVENTS = {"JobCompleted", "JobFailed", "JobCanceled", "JobTimedOut"}
 OUTPUT = "the answer is 42\n"
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[JobLedger]:
-    ledger = JobLedger(postgres_env(database_url))
-    yield ledger
-    ledger.close()
 
 
 def register(ledger: JobLedger, name: str) -> str:
