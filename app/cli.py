@@ -121,7 +121,7 @@ def _serve(settings: Settings, port: int | None, host: str | None, with_miner: b
             return 0 if server.started else 1
         finally:
             if miner is not None:
-                _stop_process(miner, grace=LOCAL_MINER_DRAIN_SECONDS + 5)
+                stop_process(miner, grace=LOCAL_MINER_DRAIN_SECONDS + 5)
             runtime.unlink(missing_ok=True)
 
 
@@ -165,7 +165,7 @@ def _start_local_miner(settings: Settings) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=environment)  # noqa: S603 - our own interpreter and CLI
 
 
-def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
+def stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
     if process.poll() is None:
         process.terminate()

@@ -401,7 +401,8 @@ class JobLedger(Application[UUID]):
         for job_id in job_ids:
             with contextlib.suppress(JobNotFound):  # a malformed id is no job: left out
                 ids.add(aggregate_id_of(job_id))
-        found = self.aggregates_now(ids)
+        histories = self._histories(dict.fromkeys(ids, None))
+        found = {aggregate_id: _folded(events) for aggregate_id, events in histories.items()}
         return {
             job_id_of(aggregate_id): job
             for aggregate_id, job in found.items()
@@ -427,11 +428,6 @@ class JobLedger(Application[UUID]):
                 raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
             jobs[(job_id, version)] = _folded(events)
         return jobs
-
-    def aggregates_now(self, aggregate_ids: Collection[UUID]) -> dict[UUID, Aggregate]:
-        """Many aggregates, each folded from all its events, read in one query."""
-        histories = self._histories(dict.fromkeys(aggregate_ids, None))
-        return {aggregate_id: _folded(events) for aggregate_id, events in histories.items()}
 
     def _histories(self, upto: Mapping[UUID, int | None]) -> dict[UUID, list[Any]]:
         """The events of many aggregates in one query, each up to a version (None: all).

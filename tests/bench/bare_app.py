@@ -29,6 +29,8 @@ import msgspec
 from litestar import Litestar, get, post
 from psycopg_pool import AsyncConnectionPool
 
+from app.cli import stop_process
+
 if TYPE_CHECKING:  # the served app needs none of the lab
     from tests.chaos.lab import Lab
 
@@ -141,13 +143,7 @@ class BareServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=30)
 
 
 def serve_bare(lab: Lab) -> BareServer:

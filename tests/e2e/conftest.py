@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from app.cli import stop_process
 from tests.nats_names import fresh_prefix
 
 if TYPE_CHECKING:
@@ -65,13 +66,7 @@ class Served:
     def stop(self) -> None:
         for client in self._clients:
             client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=30)
 
 
 def start_server(
