@@ -94,7 +94,7 @@ def serve(settings: Settings, port: int | None, host: str | None, with_miner: bo
 def _serve(settings: Settings, port: int | None, host: str | None, with_miner: bool) -> int:
     import uvicorn
 
-    from app.api import create_app
+    from app.api.server import create_app
 
     settings = msgspec.structs.replace(
         settings, http_port=port or settings.http_port, http_host=host or settings.http_host

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from litestar.routes import HTTPRoute
 
-from app.api import create_app
+from app.api.server import create_app
 from app.config import Settings
 from tests.e2e.conftest import SEED_JOB, Served
 from tests.e2e.dispatch import register_miner

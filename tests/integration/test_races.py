@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.api import create_app
+from app.api.server import create_app
 from app.config import Settings
 from app.ingestor import Outcome, apply_report
 from app.relay import RELAY_NAME

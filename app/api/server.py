@@ -1,0 +1,84 @@
+"""The HTTP API application: `create_app(settings)` is its composition root."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.api import openapi
+from app.api.admin import AdminController
+from app.api.attempts import AttemptController
+from app.api.audit import AuditController
+from app.api.auth import ApiKeyMiddleware
+from app.api.availability import DatabaseGateMiddleware
+from app.api.errors import EXCEPTION_HANDLERS, LedgerResponse
+from app.api.files import FileController
+from app.api.health import healthz
+from app.api.hooks import allow_every_method, refuse_repeated_parameters
+from app.api.jobs import JobController
+from app.api.miners import MinerController
+from app.config import Settings
+from app.services import open_services
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The API with its services opened in the lifespan and closed in reverse on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_services(settings) as services:
+            app.state.services = services
+            yield
+
+    app = Litestar(
+        route_handlers=[
+            JobController,
+            AttemptController,
+            FileController,
+            AuditController,
+            MinerController,
+            AdminController,
+            healthz,
+        ],
+        lifespan=[lifespan],
+        # The gate first: while PostgreSQL is down, not even the key lookup waits on it.
+        middleware=[DatabaseGateMiddleware(), ApiKeyMiddleware()],
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_request=refuse_repeated_parameters,
+        before_send=[allow_every_method],
+        response_class=LedgerResponse,
+        request_max_body_size=settings.max_json_body_bytes,
+        plugins=[openapi.DecimalAsNumber(), openapi.StrictStructs()],
+        openapi_config=OpenAPIConfig(
+            title="jobledger",
+            version="1.0.0",
+            description=(
+                "An event-sourced ledger for GPU compute jobs. Send an API key as "
+                "`X-Api-Key: <key>` or `Authorization: Bearer <key>` (with both, only "
+                "`X-Api-Key` is read). Every authenticated "
+                "answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
+                "`X-RateLimit-Reset` (unix seconds) for the key's binding window; a 429 "
+                'adds `Retry-After`. Errors are `{"error": {status, message, details}}`.'
+            ),
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "apiKey": SecurityScheme(
+                        type="apiKey", name="X-Api-Key", security_scheme_in="header"
+                    ),
+                    "bearer": SecurityScheme(type="http", scheme="bearer"),
+                }
+            ),
+            security=[{"apiKey": []}, {"bearer": []}],
+        ),
+        # Logging is configured once by the process (the CLI), not by the framework.
+        logging_config=None,
+        debug=False,
+    )
+    # Litestar builds the document once, when first asked, and serves that one object.
+    openapi.complete(app.openapi_schema)
+    return app
