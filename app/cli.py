@@ -22,7 +22,7 @@ import eventsourcing.persistence
 import msgspec
 import psycopg
 
-from app.config import ConfigError, Settings
+from app.config import ROLES, ConfigError, Role, Settings
 from app.embedded import (
     EMBEDDED_DATABASE,
     EmbeddedPostgres,
@@ -30,8 +30,11 @@ from app.embedded import (
     embedded_services,
     ensure_database,
 )
+from app.logs import configure_logging
 
 log = logging.getLogger("jobledger.cli")
+# Commands whose output is for a person at a terminal: they log warnings only.
+TERMINAL_COMMANDS = frozenset({"jobs"})
 RUNTIME_FILE = "serve.json"
 
 
@@ -76,12 +79,20 @@ def _request_stop(signum: int, _: object) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
-def serve(settings: Settings, port: int | None, host: str | None, with_miner: bool = False) -> int:
+def serve(
+    settings: Settings,
+    port: int | None,
+    host: str | None,
+    with_miner: bool = False,
+    role: Role | None = None,
+) -> int:
     """Run the API (and its workers) until Ctrl-C or SIGTERM, then stop what we started."""
     # uvicorn handles the signal itself (a graceful shutdown of the API), then restores
     # these handlers and raises the signal again: that unwinds the embedded servers.
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if role is not None:
+            settings = msgspec.structs.replace(settings, role=role)
         return _serve(settings, port, host, with_miner)
     except StopRequested as stop:
         log.info("stopped by %s", stop)
@@ -115,6 +126,8 @@ def _serve(settings: Settings, port: int | None, host: str | None, with_miner: b
                 port=settings.http_port,
                 log_level="info",
                 access_log=False,
+                # Our handler (app/logs.py) formats uvicorn's lines like every other.
+                log_config=None,
             )
             server = uvicorn.Server(config)
             server.run()
@@ -327,6 +340,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run a miner on this machine (its GPUs, else the pseudo type 'cpu')",
     )
+    serve_cmd.add_argument(
+        "--role",
+        choices=ROLES,
+        help="what this process runs: all (the API and its workers), api (the HTTP API "
+        "only) or workers (projector, sealer, relay, ingestor, heartbeats, scheduler, with "
+        "only /healthz on HTTP); JOBLEDGER_ROLE, default all",
+    )
 
     miner_cmd = commands.add_parser("miner", help="run a miner agent that executes jobs")
     miner_cmd.add_argument("--api", help="the ledger API (JOBLEDGER_URL, http://127.0.0.1:8000)")
@@ -400,6 +420,7 @@ def parser() -> argparse.ArgumentParser:
     projections_cmd = commands.add_parser("projections", help="manage read models")
     projections_sub = projections_cmd.add_subparsers(dest="projections_command", required=True)
     projections_sub.add_parser("rebuild", help="rebuild the views from the event log")
+
     return top
 
 
@@ -407,7 +428,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Dispatch a parsed command line."""
     match args.command:
         case "serve":
-            return serve(settings, args.port, args.host, args.with_miner)
+            return serve(settings, args.port, args.host, args.with_miner, args.role)
         case "miner":
             return run_miner(args, settings)
         case "keys" if args.keys_command == "create":
@@ -423,13 +444,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jobledger` console script; exit 2 for bad input, 3 for no database."""
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # One line per HTTP request of the miner agent is noise; its failures are logged by us.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return run(args, Settings.from_env(os.environ))
+        settings = Settings.from_env(os.environ)
+        # Client commands print their answers to the terminal: only warnings are logged.
+        quiet = args.command in TERMINAL_COMMANDS
+        configure_logging(settings.log_format, logging.WARNING if quiet else logging.INFO)
+        return run(args, settings)
     except (ConfigError, EmbeddedServiceError, ValueError) as error:
         print(f"jobledger: {error}", file=sys.stderr)
         return 2

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal, cast, get_args
 
 import msgspec
+
+from app.logs import LOG_FORMATS, LogFormat
+
+# What one `jobledger serve` process runs (docs/operations.md, "Several API processes").
+Role = Literal["all", "api", "workers"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 class ConfigError(ValueError):
@@ -45,6 +52,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     audit_key_file: Path | None = None
     # A signed checkpoint at least this often while events arrive (and every 1,000 events).
     audit_checkpoint_seconds: float = 10.0
+    # What this process runs: "all" (the API and the workers), "api" or "workers".
+    role: Role = "all"
+    # How the process logs to stderr: "json" (one object per line) or "text".
+    log_format: LogFormat = "json"
 
     @property
     def audit_key_path(self) -> Path:
@@ -104,6 +115,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"JOBLEDGER_NATS_STREAM_REPLICAS is at most 5 (JetStream's), got {replicas}"
             )
         buckets = text("JOBLEDGER_S3_ALLOWED_BUCKETS") or ""
+        role = text("JOBLEDGER_ROLE") or "all"
+        log_format = (text("JOBLEDGER_LOG_FORMAT") or "json").lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(f"JOBLEDGER_LOG_FORMAT must be json or text, got {log_format!r}")
+        if role not in ROLES:
+            raise ConfigError(f"JOBLEDGER_ROLE must be one of {', '.join(ROLES)}, got {role!r}")
         return cls(
             home=Path(text("JOBLEDGER_HOME") or ".jobledger"),
             database_url=text("JOBLEDGER_DATABASE_URL"),
@@ -130,4 +147,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             audit_checkpoint_seconds=number(
                 "JOBLEDGER_AUDIT_CHECKPOINT_SECONDS", 10.0, minimum=0.1
             ),
+            role=cast(Role, role),
+            log_format=cast(LogFormat, log_format),
         )

@@ -37,6 +37,7 @@ from app.backoff import Backoff
 from app.blobs import BlobInfo, Blobs, BlobUnavailable, InvalidLocation, Location
 from app.bus import NATS_DOWN, Bus, ensure_streams
 from app.formats import FormatMismatch, check_bytes
+from app.logs import log_context
 from app.protocol import Namespace
 from app.receipts import InvalidReceipt, check_claims, decode_public_key, verify_receipt
 from app.store import DATABASE_DOWN, JobLedger
@@ -503,15 +504,17 @@ class Ingestor:
                 )
             )
         except Exception as error:  # the batch as a whole (the database is down, say)
-            for message, job_id, _ in decoded:
-                await self._settle_failure(message, job_id, error)
+            for message, job_id, report in decoded:
+                with log_context(job_id=job_id, miner_id=report.miner_id):
+                    await self._settle_failure(message, job_id, error)
             return
         for (message, job_id, report), result in zip(decoded, results, strict=True):
-            if isinstance(result, DomainError):
-                await self._settle_failure(message, job_id, result)
-            else:
-                log.debug("%s report for %s: %s", _kind(report), job_id, result)
-                await message.ack()
+            with log_context(job_id=job_id, miner_id=report.miner_id):
+                if isinstance(result, DomainError):
+                    await self._settle_failure(message, job_id, result)
+                else:
+                    log.debug("%s report for %s: %s", _kind(report), job_id, result)
+                    await message.ack()
 
     async def _decoded(self, message: Msg) -> tuple[str, protocol.Report] | None:
         """The job id and report of a message, or None after dead-lettering an unusable one."""
@@ -522,7 +525,8 @@ class Ingestor:
         try:
             return job_id, protocol.report_decoder.decode(message.data)
         except msgspec.DecodeError as error:  # ValidationError is a DecodeError
-            await self._dead(message, f"invalid report: {error}")
+            with log_context(job_id=job_id):
+                await self._dead(message, f"invalid report: {error}")
             return None
 
     async def _settle_failure(self, message: Msg, job_id: str, error: Exception) -> None:

@@ -36,6 +36,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from app.backoff import Backoff
+from app.logs import log_context
 from app.projector import ViewPosition
 from app.relay import RELAY_NAME
 from app.store import DATABASE_DOWN, JobLedger
@@ -97,7 +98,9 @@ LEFT JOIN (
 WHERE m.active
 """
 _PENDING = f"""
-SELECT job_id, gpu_type, gpu_count, min_vram_gb, priority, seq FROM jobledger_job_views
+SELECT job_id, gpu_type, gpu_count, min_vram_gb, priority, seq,
+       coalesce(status_since, created_at) AS pending_since
+FROM jobledger_job_views
 WHERE status = 'pending'
 ORDER BY {_RANK} DESC, seq
 LIMIT %s
@@ -140,6 +143,7 @@ class Scheduler:
         view_wait_seconds: float,
         has_unread_reports: Callable[[str], Awaitable[bool]],
         hearing_since: Callable[[], datetime | None],
+        on_dispatched: Callable[[float], None],
     ) -> None:
         self._ledger = ledger
         self._pool = pool
@@ -153,6 +157,8 @@ class Scheduler:
         # Since when heartbeats could reach us (None: not now). Silence means nothing
         # while our own NATS connection is down, so leases only run after it is back.
         self._hearing_since = hearing_since
+        # Told, for each assignment, how many seconds its job waited in the queue.
+        self._on_dispatched = on_dispatched
         # The pending reasons as last written, so a round writes only what changed.
         self._recorded_reasons: dict[str, str] = {}
         self._first_reasons = True
@@ -242,17 +248,18 @@ class Scheduler:
         commands = [(held.job_id, self._enforcement(held, decision)) for held, decision in due]
         results, _ = await to_thread.run_sync(self._ledger.change_jobs, commands)
         for (held, decision), result in zip(due, results, strict=True):
-            if isinstance(result, DomainError):
-                log.info("left %s alone: %s", held.job_id, result)
-            else:
-                log.info(
-                    "%s: %s (attempt %d on %s: %s)",
-                    held.job_id,
-                    decision.action.value,
-                    held.attempt,
-                    held.miner_id,
-                    decision.reason,
-                )
+            with log_context(job_id=held.job_id, miner_id=held.miner_id):
+                if isinstance(result, DomainError):
+                    log.info("left %s alone: %s", held.job_id, result)
+                else:
+                    log.info(
+                        "%s: %s (attempt %d on %s: %s)",
+                        held.job_id,
+                        decision.action.value,
+                        held.attempt,
+                        held.miner_id,
+                        decision.reason,
+                    )
 
     def _note_publications(self, rows: list[dict[str, Any]]) -> None:
         """Record when the relay was first seen past each held attempt's assignment."""
@@ -312,9 +319,16 @@ class Scheduler:
             # All of a round's assignments in one transaction: one commit, not one per job.
             commands = [(job_id, _assignment(miner_id)) for job_id, miner_id in decided.assignments]
             results, position = await to_thread.run_sync(self._ledger.change_jobs, commands)
-            for (job_id, _), result in zip(decided.assignments, results, strict=True):
+            assigned_at = datetime.now(UTC)
+            wanted = {job_id for job_id, _ in decided.assignments}
+            pending_since = {row[0]: row[6] for row in rows if row[0] in wanted}
+            for (job_id, miner_id), result in zip(decided.assignments, results, strict=True):
                 if isinstance(result, DomainError):  # canceled meanwhile, for instance
-                    log.info("did not assign %s: %s", job_id, result)
+                    with log_context(job_id=job_id, miner_id=miner_id):
+                        log.info("did not assign %s: %s", job_id, result)
+                else:
+                    waited = assigned_at - pending_since[job_id]
+                    self._on_dispatched(max(waited.total_seconds(), 0.0))
         await self._record_reasons(decided.reasons)
         return position
 
@@ -370,7 +384,7 @@ _PRIORITIES = {priority.value: priority for priority in Priority}
 
 
 def _pending_job(row: tuple[Any, ...]) -> PendingJob:
-    job_id, gpu_type, gpu_count, min_vram_gb, priority, seq = row
+    job_id, gpu_type, gpu_count, min_vram_gb, priority, seq, _ = row
     return PendingJob(
         job_id=job_id,
         gpu_type=gpu_type,

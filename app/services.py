@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import psycopg
 from anyio import to_thread
 from nats.js.errors import NotFoundError as StreamMessageNotFound
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from app import keys, ratelimit, scheduler
@@ -28,6 +29,7 @@ from app.group_commit import GroupCommit
 from app.heartbeats import HeartbeatListener
 from app.ingestor import Ingestor
 from app.keys import ApiKeys, KeyCache
+from app.metrics import LedgerMetrics, LedgerProbe
 from app.projector import Projector, ViewPosition
 from app.protocol import Namespace
 from app.ratelimit import RateLimiter
@@ -63,6 +65,8 @@ class Services:
     blobs: Blobs
     audit_key: LedgerKey
     database: DatabaseWatch
+    # The process's Prometheus registry and instruments (GET /metrics).
+    metrics: LedgerMetrics
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking ledger call in a worker thread, keeping the event loop free."""
@@ -123,13 +127,19 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(submissions.stop)
 
         audit_key = await to_thread.run_sync(LedgerKey.load_or_create, settings.audit_key_path)
-        stop = threading.Event()
-        seal = Sealer(ledger, dsn, audit_key, checkpoint_seconds=settings.audit_checkpoint_seconds)
-        for name, target in (("projector", Projector(ledger, dsn).run), ("sealer", seal.run)):
-            worker = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
-            worker.start()
-            stack.callback(worker.join, 10)
-        stack.callback(stop.set)  # registered last, so on the way out it runs before the joins
+        # An "api" process leaves the workers to "workers" processes; the views position
+        # still reaches it (ViewPosition listens to the projector's notifications).
+        runs_workers = settings.role != "api"
+        if runs_workers:
+            stop = threading.Event()
+            seal = Sealer(
+                ledger, dsn, audit_key, checkpoint_seconds=settings.audit_checkpoint_seconds
+            )
+            for name, target in (("projector", Projector(ledger, dsn).run), ("sealer", seal.run)):
+                worker = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+                worker.start()
+                stack.callback(worker.join, 10)
+            stack.callback(stop.set)  # registered last: on the way out it runs before the joins
 
         blobs = await stack.enter_async_context(
             Blobs.open(
@@ -148,9 +158,24 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(bus.close)
         namespace = Namespace(settings.nats_prefix)
         await scheduler.create_schema(pool)
-        workers = _dispatch_workers(settings, ledger, pool, dsn, views, bus, namespace, blobs)
-        tasks = [asyncio.create_task(_supervise(name, work), name=name) for name, work in workers]
-        stack.push_async_callback(cancel_all, tasks)
+        # One registry per process, never the library's global one.
+        metrics = LedgerMetrics(
+            CollectorRegistry(),
+            LedgerProbe(
+                pool=pool,
+                database=database,
+                ledger=ledger,
+                bus=bus,
+                namespace=namespace,
+                lease_seconds=settings.lease_seconds,
+            ),
+        )
+        if runs_workers:
+            workers = _dispatch_workers(
+                settings, ledger, pool, dsn, views, bus, namespace, blobs, metrics
+            )
+            tasks = [asyncio.create_task(_supervise(n, work), name=n) for n, work in workers]
+            stack.push_async_callback(cancel_all, tasks)
 
         limiter = (
             RateLimiter(
@@ -176,6 +201,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             blobs=blobs,
             audit_key=audit_key,
             database=database,
+            metrics=metrics,
         )
 
 
@@ -188,6 +214,7 @@ def _dispatch_workers(
     bus: Bus,
     namespace: Namespace,
     blobs: Blobs,
+    metrics: LedgerMetrics,
 ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """The background workers that move jobs between the ledger and the miners."""
 
@@ -216,6 +243,7 @@ def _dispatch_workers(
         view_wait_seconds=settings.view_wait_seconds,
         has_unread_reports=has_unread_reports,
         hearing_since=lambda: bus.up_since,
+        on_dispatched=metrics.dispatch_latency.observe,
     )
     return [
         ("relay", relay.run),

@@ -177,14 +177,17 @@ async def _total(cur: AsyncCursor[Any], *, owner: str | None, status: str | None
 
 # A miner's row with its liveness and the jobs it holds, in one statement. The
 # first parameter is the lease in seconds: a heartbeat older than that is offline.
+# A miner's status from its view row `m` and liveness row `l` (the one place that decides
+# online; /metrics counts miners with it too). Its parameter is the lease in seconds.
+MINER_STATUS = """CASE WHEN NOT m.active THEN 'deregistered'
+         WHEN l.last_heartbeat_at > now() - make_interval(secs => %s)
+              THEN CASE WHEN l.draining THEN 'draining' ELSE 'online' END
+         ELSE 'offline' END"""
 _SELECT_MINERS = (
     "SELECT "
     + ", ".join(f"m.{c}" for c in MINER_COLUMNS)
-    + """,
-    CASE WHEN NOT m.active THEN 'deregistered'
-         WHEN l.last_heartbeat_at > now() - make_interval(secs => %s)
-              THEN CASE WHEN l.draining THEN 'draining' ELSE 'online' END
-         ELSE 'offline' END AS status,
+    + f""",
+    {MINER_STATUS} AS status,
     l.last_heartbeat_at,
     (SELECT count(*) FROM jobledger_job_views j
       WHERE j.miner_id = m.miner_id

@@ -20,10 +20,12 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.keys import Principal, Role
+from app.logs import bind_log_ids
 from app.ratelimit import RateLimitDecision
 from app.services import Services
 
-PUBLIC_PATHS = ("^/healthz$", "^/schema")
+# /metrics is for Prometheus: counts only, no job, client or key ids (docs/operations.md).
+PUBLIC_PATHS = ("^/healthz$", "^/metrics$", "^/schema")
 
 
 class TooManyRequests(HTTPException):
@@ -74,6 +76,8 @@ class ApiKeyMiddleware(ASGIMiddleware):
         if principal is None:
             raise NotAuthorizedException("invalid or revoked API key")
         scope["user"] = principal
+        if principal.role is Role.MINER:
+            bind_log_ids(miner_id=principal.subject)  # a miner key's subject is its miner id
         # Miner keys are not counted: an agent's calls follow the jobs it is given
         # (an input fetch and a result upload per attempt), and only for attempts it holds.
         if services.limiter is None or principal.role is Role.MINER:
@@ -82,6 +86,7 @@ class ApiKeyMiddleware(ASGIMiddleware):
         decision = await services.limiter.hit(principal.key_id)
         headers = _limit_headers(decision)
         if not decision.allowed:
+            services.metrics.rate_limited.labels(principal.role.value).inc()
             raise TooManyRequests(
                 f"rate limit exceeded; retry in {decision.retry_after} s", headers=headers
             )

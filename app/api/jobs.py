@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -19,6 +20,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPT
 from app.api import openapi
 from app.api.auth import allow, owner_filter
 from app.api.errors import LedgerResponse, strict_validation_error
+from app.api.observability import seconds_since_arrival
 from app.api.schemas import (
     FileInput,
     HistoryResponse,
@@ -35,6 +37,7 @@ from app.audit.replay import job_as_of, parse_as_of
 from app.blobs import BlobMissing, Blobs, InvalidLocation, Location, check_destination
 from app.formats import EXTENSIONS, MEDIA_TYPES
 from app.keys import Principal, Role
+from app.logs import bind_log_ids
 from app.services import Services
 from app.store import SubmitRequest
 from domain.errors import Conflict, InvalidJobRequest, JobNotFound
@@ -43,6 +46,7 @@ from domain.gpus import normalize_gpu_type
 from domain.jobs import JobSpec, JobStatus, aggregate_id_of
 from projections.jobs import JobRow
 
+log = logging.getLogger("jobledger.api.jobs")
 MAX_PAGE = 100
 _STRICT_SUBMIT = msgspec.json.Decoder(SubmitJobRequest)
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -237,6 +241,11 @@ class JobController(Controller):
         )
         if outcome.created:
             await services.views.wait_for(outcome.position, services.settings.view_wait_seconds)
+        bind_log_ids(job_id=outcome.job_id)
+        log.info("job %s %s", outcome.job_id, "submitted" if outcome.created else "replayed")
+        if (waited := seconds_since_arrival(request.scope)) is not None:
+            outcome_label = "created" if outcome.created else "replayed"
+            services.metrics.submit_latency.labels(outcome_label).observe(waited)
         body = SubmitJobResponse(
             job_id=outcome.job_id,
             estimated_cost=outcome.estimated_cost,
@@ -399,6 +408,7 @@ class JobController(Controller):
             services.ledger.cancel, job_id, owner=owner_filter(request.user)
         )
         await services.views.wait_for(position, services.settings.view_wait_seconds)
+        log.info("job %s %s by request", job_id, row.status)
         code = HTTP_202_ACCEPTED if row.status == JobStatus.CANCELING else HTTP_200_OK
         return LedgerResponse(status_view(row), status_code=code)
 

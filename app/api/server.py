@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ControllerRouterHandler
 
 from app.api import openapi
 from app.api.admin import AdminController
@@ -20,7 +21,9 @@ from app.api.files import FileController
 from app.api.health import healthz
 from app.api.hooks import allow_every_method, refuse_repeated_parameters
 from app.api.jobs import JobController
+from app.api.metrics import prometheus_metrics
 from app.api.miners import MinerController
+from app.api.observability import BindPathIds, RequestObserver
 from app.config import Settings
 from app.services import open_services
 
@@ -34,19 +37,25 @@ def create_app(settings: Settings) -> Litestar:
             app.state.services = services
             yield
 
+    client_api_served = settings.role != "workers"
+    client_api: list[ControllerRouterHandler] = [
+        JobController,
+        AttemptController,
+        FileController,
+        AuditController,
+        MinerController,
+        AdminController,
+    ]
     app = Litestar(
+        # A "workers" process answers health checks (and scrapes) only.
         route_handlers=[
-            JobController,
-            AttemptController,
-            FileController,
-            AuditController,
-            MinerController,
-            AdminController,
+            *(client_api if client_api_served else []),
             healthz,
+            prometheus_metrics,
         ],
         lifespan=[lifespan],
         # The gate first: while PostgreSQL is down, not even the key lookup waits on it.
-        middleware=[DatabaseGateMiddleware(), ApiKeyMiddleware()],
+        middleware=[BindPathIds(), DatabaseGateMiddleware(), ApiKeyMiddleware()],
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=refuse_repeated_parameters,
         before_send=[allow_every_method],
@@ -80,5 +89,8 @@ def create_app(settings: Settings) -> Litestar:
         debug=False,
     )
     # Litestar builds the document once, when first asked, and serves that one object.
-    openapi.complete(app.openapi_schema)
+    if client_api_served:
+        openapi.complete(app.openapi_schema)
+    # Outside routing and error handling: every answer gets X-Request-Id and is counted.
+    app.asgi_handler = RequestObserver(app.asgi_handler)
     return app

@@ -55,6 +55,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from app import protocol, receipts
 from app.bus import NATS_DOWN, log_nats_error
 from app.gpu import GpuProbe, GpuUsage, UsageSampler
+from app.logs import bind_log_ids, log_context
 from app.miner import transfer
 from app.miner.executors import (
     ExecutionContext,
@@ -73,6 +74,8 @@ log = logging.getLogger("jobledger.miner")
 
 ASSIGNMENT_ACK_WAIT_SECONDS = 30.0
 CANCELED_EARLY_LIMIT = 10_000
+# Touched in the work directory after each heartbeat published: a health check reads its age.
+HEARTBEAT_FILE = "heartbeat-sent"
 _API_RETRY_SECONDS = 2.0
 
 
@@ -610,6 +613,8 @@ class MinerAgent:
         # One HTTP client for the agent's lifetime: registration, inputs and results.
         async with transfer.api_client(self._config.api_url, self._config.key) as api:
             await self.register(api)
+            # Every line the agent logs from here on (its tasks inherit it) names the miner.
+            bind_log_ids(miner_id=self.miner_id)
             receipt_key = await self.receipt_key(api)
             work_dir = self._config.work_dir / self.miner_id
             await asyncio.to_thread(clear_work_dir, work_dir)
@@ -737,6 +742,7 @@ class MinerAgent:
 
     async def _execute(self, attempt: Attempt) -> None:
         assert self._runner is not None
+        bind_log_ids(job_id=attempt.assignment.job_id)  # this task's lines are about its job
         try:
             await self._runner.run(attempt)
         finally:
@@ -776,7 +782,10 @@ class MinerAgent:
             return
         key = (order.job_id, order.attempt)
         held = self._held.get(key)
-        log.info("cancel order for %s attempt %d: %s", order.job_id, order.attempt, order.reason)
+        with log_context(job_id=order.job_id):
+            log.info(
+                "cancel order for %s attempt %d: %s", order.job_id, order.attempt, order.reason
+            )
         if held is not None and held.task is not None:
             held.stop_as = "canceled"
             held.task.cancel()  # the task reports `canceled` as it unwinds
@@ -813,6 +822,9 @@ class MinerAgent:
             )
         except NATS_DOWN as error:  # the next beat comes in a few seconds
             log.warning("heartbeat not sent: %s", error)
+            return
+        # For container health checks: its age says when the ledger last heard from us.
+        (self._config.work_dir / HEARTBEAT_FILE).touch()
 
     async def _drain(self) -> None:
         """Let running attempts finish for `drain_seconds`, then hand back the rest."""
