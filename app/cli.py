@@ -105,7 +105,7 @@ def serve(
 def _serve(settings: Settings, port: int | None, host: str | None, with_miner: bool) -> int:
     import uvicorn
 
-    from app.api.server import create_app
+    from app.api.server import LedgerServer, create_app
 
     settings = msgspec.structs.replace(
         settings, http_port=port or settings.http_port, http_host=host or settings.http_host
@@ -129,7 +129,7 @@ def _serve(settings: Settings, port: int | None, host: str | None, with_miner: b
                 # Our handler (app/logs.py) formats uvicorn's lines like every other.
                 log_config=None,
             )
-            server = uvicorn.Server(config)
+            server = LedgerServer(config)  # ends open watch streams when it stops
             server.run()
             return 0 if server.started else 1
         finally:

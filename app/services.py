@@ -37,6 +37,7 @@ from app.relay import Relay
 from app.scheduler import Scheduler, lease_settings
 from app.store import JobLedger, postgres_env
 from app.tasks import cancel_all
+from app.wakeups import JobWakeups
 from projections import tables
 from projections.queries import JobQueries, MinerQueries
 
@@ -62,6 +63,8 @@ class Services:
     views: ViewPosition
     bus: Bus
     namespace: Namespace
+    # Wakes the watch streams (GET /v1/jobs/{id}/watch) when a job's events are published.
+    watches: JobWakeups
     blobs: Blobs
     audit_key: LedgerKey
     database: DatabaseWatch
@@ -87,7 +90,7 @@ def prepare_database(dsn: str) -> JobLedger:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
+async def open_services(settings: Settings) -> AsyncIterator[Services]:  # noqa: PLR0915
     """Open the pool, ledger, NATS connection and background workers; close them in reverse."""
     if settings.database_url is None or settings.nats_url is None:
         raise ValueError("open_services needs database_url and nats_url (serve resolves them)")
@@ -157,6 +160,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         await bus.start()
         stack.push_async_callback(bus.close)
         namespace = Namespace(settings.nats_prefix)
+        # Closed before the NATS connection: every watch stream ends, every subscription goes.
+        watches = await stack.enter_async_context(JobWakeups(bus, namespace))
         await scheduler.create_schema(pool)
         # One registry per process, never the library's global one.
         metrics = LedgerMetrics(
@@ -198,6 +203,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             views=views,
             bus=bus,
             namespace=namespace,
+            watches=watches,
             blobs=blobs,
             audit_key=audit_key,
             database=database,

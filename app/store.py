@@ -646,6 +646,39 @@ class JobLedger(Application[UUID]):
             for event in self.job_history(job_id, owner=owner)
         ]
 
+    def job_history_after(
+        self, job_id: str, sequence: int, *, owner: str | None = None
+    ) -> tuple[list[Any], int]:
+        """A job's domain events after `sequence`, in order, and the log position of the last.
+
+        For watchers: the position lets one wait until the views show what it is about to
+        tell (0 when there is no event after `sequence`). From sequence 0 it is the whole
+        history, checked like `job_history` (`owner`); a later read needs no check.
+        """
+        recorder = self.recorder
+        assert isinstance(recorder, PostgresApplicationRecorder)  # postgres_env is the only one
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state, notification_id FROM {}.{} "
+            "WHERE originator_id = %s AND originator_version > %s ORDER BY originator_version"
+        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(statement, (aggregate_id_of(job_id), sequence), prepare=False)
+            rows = cursor.fetchall()
+        events = [
+            self.mapper.to_domain_event(
+                StoredEvent(
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+            )
+            for row in rows
+        ]
+        if sequence == 0:
+            _require_job(job_id, events, owner)
+        return events, max((int(row["notification_id"]) for row in rows), default=0)
+
     def read_log(self, start: int, limit: int) -> list[tuple[int, Any]]:
         """Up to `limit` (position, domain event) pairs from `start` on, in log order."""
         notifications = self.recorder.select_notifications(start=start, limit=limit)
@@ -675,14 +708,19 @@ class JobLedger(Application[UUID]):
     def job_history(self, job_id: str, *, owner: str | None) -> Sequence[Any]:
         """A job's domain events in order, in one read; none, or someone else's, is not found."""
         events: list[Any] = list(self.events.get(aggregate_id_of(job_id)))
-        # The id must be a job's: a file's or a miner's UUID spelt job_… is no job either.
-        if (
-            not events
-            or not isinstance(events[0], Job.Submitted)
-            or (owner is not None and events[0].owner != owner)
-        ):
-            raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
+        _require_job(job_id, events, owner)
         return events
+
+
+def _require_job(job_id: str, events: Sequence[Any], owner: str | None) -> None:
+    """JobNotFound unless the events are a job's (the owner's, if given) from its submission."""
+    # The id must be a job's: a file's or a miner's UUID spelt job_… is no job either.
+    if (
+        not events
+        or not isinstance(events[0], Job.Submitted)
+        or (owner is not None and events[0].owner != owner)
+    ):
+        raise JobNotFound(f"job {job_id!r} not found", details={"job_id": job_id})
 
 
 def _not_held(job_id: str, miner_id: str, attempt: int) -> JobNotFound:

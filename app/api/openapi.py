@@ -268,7 +268,7 @@ class Follow:
 
 
 def _job_links(job_id: str) -> dict[str, Follow]:
-    """Where a job's id leads: its status, events, result and cancellation."""
+    """Where a job's id leads: its status, events, result, cancellation and event stream."""
     return {
         "status": Follow("GET /v1/jobs/{job_id}", "the job's status", {"job_id": job_id}),
         "events": Follow(
@@ -278,6 +278,12 @@ def _job_links(job_id: str) -> dict[str, Follow]:
             "GET /v1/jobs/{job_id}/download", "the job's result bytes", {"job_id": job_id}
         ),
         "cancel": Follow("DELETE /v1/jobs/{job_id}", "cancel the job", {"job_id": job_id}),
+        # timeout 0: what is stored, then the stream closes (a link must not open forever).
+        "watch": Follow(
+            "GET /v1/jobs/{job_id}/watch",
+            "the job's events so far, as Server-Sent Events",
+            {"job_id": job_id, "timeout": "0"},
+        ),
     }
 
 

@@ -157,6 +157,22 @@ class JobEventsResponse(msgspec.Struct, kw_only=True):
     events: list[JobEvent]
 
 
+class JobWatchMessage(msgspec.Struct, kw_only=True):
+    """The `data` of an `event: job` message of the watch stream: one stored event and the
+    job as GET /v1/jobs/{job_id} showed it right after that event."""
+
+    sequence: int
+    type: str
+    timestamp: datetime
+    job: JobStatusResponse
+
+
+class JobWatchEnd(msgspec.Struct, kw_only=True):
+    """The `data` of the watch stream's last message, `event: end`: the job's terminal status."""
+
+    status: str
+
+
 class CreateKeyRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """POST /v1/admin/keys."""
 

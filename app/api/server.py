@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
+import uvicorn
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
@@ -24,6 +26,7 @@ from app.api.jobs import JobController
 from app.api.metrics import prometheus_metrics
 from app.api.miners import MinerController
 from app.api.observability import BindPathIds, RequestObserver
+from app.api.watch import WatchController
 from app.config import Settings
 from app.services import open_services
 
@@ -40,6 +43,7 @@ def create_app(settings: Settings) -> Litestar:
     client_api_served = settings.role != "workers"
     client_api: list[ControllerRouterHandler] = [
         JobController,
+        WatchController,
         AttemptController,
         FileController,
         AuditController,
@@ -94,3 +98,21 @@ def create_app(settings: Settings) -> Litestar:
     # Outside routing and error handling: every answer gets X-Request-Id and is counted.
     app.asgi_handler = RequestObserver(app.asgi_handler)
     return app
+
+
+class LedgerServer(uvicorn.Server):
+    """uvicorn's server, which first ends the app's watch streams when it shuts down.
+
+    uvicorn waits for every open response before it runs the lifespan's shutdown, and
+    the watch of a job that is still running never ends by itself: without this, one
+    open watch would hold a stopping server until it is killed. The watchers' clients
+    reconnect with Last-Event-ID.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the watch streams, then shut down as uvicorn does."""
+        app = self.config.app
+        services = getattr(app.state, "services", None) if isinstance(app, Litestar) else None
+        if services is not None:
+            services.watches.end_streams()
+        await super().shutdown(sockets)

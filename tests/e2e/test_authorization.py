@@ -53,6 +53,7 @@ MATRIX_ROWS: dict[str, str] = {
     "DELETE /v1/jobs/{job_id}":                        "202 404 403 403 403 202 401 401 401",
     "GET /v1/jobs/{job_id}/download":                  "409 404 403 403 409 409 401 401 401",
     "GET /v1/jobs/{job_id}/events":                    "200 404 403 403 200 200 401 401 401",
+    "GET /v1/jobs/{job_id}/watch":                     "200 404 403 403 200 200 401 401 401",
     "GET /v1/jobs/{job_id}/attempts/{attempt}/input":  "403 403 200 404 403 403 401 401 401",
     "PUT /v1/jobs/{job_id}/attempts/{attempt}/result": "403 403 201 404 403 403 401 401 401",
     "POST /v1/files":                                  "201 201 403 403 403 403 401 401 401",
@@ -387,6 +388,12 @@ CALLS: dict[str, Callable[[World], Call]] = {
     ),
     "GET /v1/jobs/{job_id}/events": lambda w: Call(
         "GET", f"/v1/jobs/{w.job}/events", missing_path=f"/v1/jobs/{missing('job')}/events"
+    ),
+    # timeout=0: the stream sends the job's current state and closes (it runs on).
+    "GET /v1/jobs/{job_id}/watch": lambda w: Call(
+        "GET",
+        f"/v1/jobs/{w.job}/watch?timeout=0",
+        missing_path=f"/v1/jobs/{missing('job')}/watch?timeout=0",
     ),
     "GET /v1/jobs/{job_id}/attempts/{attempt}/input": fetch_input,
     "PUT /v1/jobs/{job_id}/attempts/{attempt}/result": store_result,

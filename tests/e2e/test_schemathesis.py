@@ -153,6 +153,7 @@ def test_the_document_links_each_new_job_and_file_to_what_uses_its_id(
         "GET /v1/jobs/{job_id}/events",
         "GET /v1/jobs/{job_id}/download",
         "DELETE /v1/jobs/{job_id}",
+        "GET /v1/jobs/{job_id}/watch",
     }
     file_routes = {
         "GET /v1/files/{file_id}",
