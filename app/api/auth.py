@@ -24,8 +24,9 @@ from app.logs import bind_log_ids
 from app.ratelimit import RateLimitDecision
 from app.services import Services
 
+# The dashboard's pages and assets are public: its data comes from the API, with a key.
 # /metrics is for Prometheus: counts only, no job, client or key ids (docs/operations.md).
-PUBLIC_PATHS = ("^/healthz$", "^/metrics$", "^/schema")
+PUBLIC_PATHS = ("^/healthz$", "^/metrics$", "^/schema", "^/ui(/|$)")
 
 
 class TooManyRequests(HTTPException):

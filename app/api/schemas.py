@@ -141,6 +141,36 @@ class HistoryResponse(
     next_cursor: str | None
 
 
+ThroughputBucketSize = Literal["hour", "day"]
+
+
+class ThroughputBucketCounts(msgspec.Struct, kw_only=True):
+    """Jobs submitted in [start, start + one bucket), by the status each has now."""
+
+    start: datetime
+    jobs: int
+    by_status: dict[str, int]
+
+
+class ThroughputTotals(msgspec.Struct, kw_only=True):
+    """The whole window's jobs, by status."""
+
+    jobs: int
+    by_status: dict[str, int]
+
+
+class ThroughputResponse(
+    msgspec.Struct, kw_only=True, rename={"window_from": "from", "window_to": "to"}
+):
+    """Jobs submitted per UTC hour or day of an inclusive window, oldest bucket first."""
+
+    window_from: datetime
+    window_to: datetime
+    bucket: ThroughputBucketSize
+    buckets: list[ThroughputBucketCounts]
+    totals: ThroughputTotals
+
+
 class JobEvent(msgspec.Struct, kw_only=True):
     """One immutable event of a job, as stored."""
 

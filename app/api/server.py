@@ -26,6 +26,8 @@ from app.api.jobs import JobController
 from app.api.metrics import prometheus_metrics
 from app.api.miners import MinerController
 from app.api.observability import BindPathIds, RequestObserver
+from app.api.throughput import ThroughputController
+from app.api.ui import ui_router
 from app.api.watch import WatchController
 from app.config import Settings
 from app.services import open_services
@@ -44,11 +46,13 @@ def create_app(settings: Settings) -> Litestar:
     client_api: list[ControllerRouterHandler] = [
         JobController,
         WatchController,
+        ThroughputController,
         AttemptController,
         FileController,
         AuditController,
         MinerController,
         AdminController,
+        ui_router(),
     ]
     app = Litestar(
         # A "workers" process answers health checks (and scrapes) only.

@@ -49,6 +49,7 @@ MATRIX_ROWS: dict[str, str] = {
     "POST /v1/jobs":                                   "201 201 403 403 403 403 401 401 401",
     "GET /v1/jobs":                                    "200 200 403 403 200 200 401 401 401",
     "GET /v1/jobs/history":                            "200 200 403 403 200 200 401 401 401",
+    "GET /v1/jobs/throughput":                         "200 200 403 403 200 200 401 401 401",
     "GET /v1/jobs/{job_id}":                           "200 404 403 403 200 200 401 401 401",
     "DELETE /v1/jobs/{job_id}":                        "202 404 403 403 403 202 401 401 401",
     "GET /v1/jobs/{job_id}/download":                  "409 404 403 403 409 409 401 401 401",
@@ -87,6 +88,9 @@ MATRIX_ROWS: dict[str, str] = {
     "GET /schema/elements":                            "200 200 200 200 200 200 200 200 200",
     "GET /schema/oauth2-redirect.html":                "200 200 200 200 200 200 200 200 200",
     "GET /schema/{path}":                              "404 404 404 404 404 404 404 404 404",
+    "GET /ui":                                         "200 200 200 200 200 200 200 200 200",
+    "GET /ui/{file_path}":                             "200 200 200 200 200 200 200 200 200",
+    "HEAD /ui/{file_path}":                            "200 200 200 200 200 200 200 200 200",
 }
 # fmt: on
 MATRIX: dict[str, dict[str, int]] = {
@@ -379,6 +383,7 @@ CALLS: dict[str, Callable[[World], Call]] = {
     "POST /v1/jobs": lambda w: json_call("POST", "/v1/jobs", JOB),
     "GET /v1/jobs": get("/v1/jobs"),
     "GET /v1/jobs/history": lambda w: Call("GET", f"/v1/jobs/history?from={today()}&to={today()}"),
+    "GET /v1/jobs/throughput": get("/v1/jobs/throughput"),
     "GET /v1/jobs/{job_id}": lambda w: Call(
         "GET", f"/v1/jobs/{w.job}", missing_path=f"/v1/jobs/{missing('job')}"
     ),
@@ -442,6 +447,9 @@ CALLS: dict[str, Callable[[World], Call]] = {
     "GET /schema/elements": get("/schema/elements"),
     "GET /schema/oauth2-redirect.html": get("/schema/oauth2-redirect.html"),
     "GET /schema/{path}": get("/schema/no-such-page"),
+    "GET /ui": get("/ui"),
+    "GET /ui/{file_path}": get("/ui/app.js"),
+    "HEAD /ui/{file_path}": lambda _: Call("HEAD", "/ui/app.js"),
 }
 
 
