@@ -421,10 +421,13 @@ def parser() -> argparse.ArgumentParser:
     projections_sub = projections_cmd.add_subparsers(dest="projections_command", required=True)
     projections_sub.add_parser("rebuild", help="rebuild the views from the event log")
 
+    from app.client.cli import add_jobs_parser
+
+    add_jobs_parser(commands)
     return top
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:  # noqa: PLR0911 - one per command
     """Dispatch a parsed command line."""
     match args.command:
         case "serve":
@@ -437,6 +440,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return revoke_key(settings, args.key_id)
         case "audit":
             return run_audit(args, settings)
+        case "jobs":
+            from app.client.cli import run_jobs
+
+            return run_jobs(args)
         case _:
             return rebuild_projections(settings)
 
