@@ -327,7 +327,8 @@ def submit(client: Client, args: argparse.Namespace, console: Console) -> int:
             return EXIT_OK if final.status == "completed" else EXIT_JOB_UNSUCCESSFUL
         console.print(submitted.job_id)
         console.note(_estimate(submitted.estimated_cost, submitted.estimated_time_seconds))
-        return _follow(client, submitted.job_id, console)
+        # From just after the submission, so every run shows the same whole timeline.
+        return _follow(client, submitted.job_id, console, after=1)
     if console.json:
         console.document(submitted)
         return EXIT_OK
@@ -524,11 +525,11 @@ class _Follower:
         self.console.print(f"{job.job_id} {job.status}{ran}{cost}{error}")
 
 
-def _follow(client: Client, job_id: str, console: Console) -> int:
+def _follow(client: Client, job_id: str, console: Console, after: int | None = None) -> int:
     follower = _Follower(console)
     final = None
     try:
-        for update in client.watch(job_id):
+        for update in client.watch(job_id, last_event_id=after):
             follower.show(update)
             final = update.job
     finally:

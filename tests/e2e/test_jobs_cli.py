@@ -104,6 +104,9 @@ def test_submit_wait_runs_the_job_to_completion_and_exits_0(
     assert job_id.startswith("job_")
     assert "estimated cost 0.01" in ran.err  # one started hour of the pseudo GPU `cpu`
     assert "JobCompleted" in ran.out and f"{job_id} completed" in ran.out
+    # The whole timeline after the submission, however fast the job ran: no event skipped.
+    timeline = [line.split()[2] for line in ran.out.splitlines()[1:-1]]
+    assert timeline == ["JobAssigned", "JobStarted", "JobCompleted"], ran.out
     assert "\x1b[" not in ran.out + ran.err  # no terminal: no bar, no escape codes
 
 
