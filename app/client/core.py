@@ -534,20 +534,37 @@ _UPDATE = msgspec.json.Decoder(WatchUpdate)
 _END = msgspec.json.Decoder(JobWatchEnd)
 
 
-class WatchSession:
+class _ResumableSession:
+    """A read that spans connections (a watch, a download): its retries of error answers."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self._core = core
+        self._failures = 0
+
+    def error_delay(self, status: int, headers: Mapping[str, str], body: bytes) -> float:
+        """Seconds before trying again after an error answer (429, 5xx); raises it otherwise."""
+        delay = self._core.policy.after_status(
+            self._failures, status, headers.get("retry-after"), idempotent=True
+        )
+        if delay is None:
+            raise self._core.error(status, headers, body, self._failures + 1)
+        self._failures += 1
+        return delay
+
+
+class WatchSession(_ResumableSession):
     """One watch of a job across connections: where to resume, what was seen, when it ended."""
 
     def __init__(self, core: ClientCore, job_id: str, last_event_id: int | None) -> None:
         if last_event_id is not None and last_event_id < 0:
             raise ValueError("last_event_id must be an integer >= 0")
-        self._core = core
+        super().__init__(core)
         self.path = job_path(job_id, "/watch")
         self.last_event_id = last_event_id
         self.final_status: str | None = None
         self.ended = False
         self._parser = SseParser()
         self._retry_seconds: float | None = None
-        self._failures = 0
 
     def request_headers(self) -> dict[str, str]:
         """Headers for the next connection: resume after the last event seen."""
@@ -621,16 +638,6 @@ class WatchSession:
         self._failures += 1
         return delay
 
-    def error_delay(self, status: int, headers: Mapping[str, str], body: bytes) -> float:
-        """Seconds before trying again after an error answer (429, 5xx); raises it otherwise."""
-        delay = self._core.policy.after_status(
-            self._failures, status, headers.get("retry-after"), idempotent=True
-        )
-        if delay is None:
-            raise self._core.error(status, headers, body, self._failures + 1)
-        self._failures += 1
-        return delay
-
 
 # ---- downloads --------------------------------------------------------------------------
 
@@ -676,11 +683,11 @@ def _attachment_name(header: str | None) -> str | None:
     return None
 
 
-class DownloadSession:
+class DownloadSession(_ResumableSession):
     """One download across connections: the digest to expect, where to resume, what arrived."""
 
     def __init__(self, core: ClientCore, job_id: str) -> None:
-        self._core = core
+        super().__init__(core)
         self.job_id = job_id
         self.path = job_path(job_id, "/download")
         self.received = 0
@@ -690,7 +697,6 @@ class DownloadSession:
         self.content_type: str | None = None
         self.filename: str | None = None
         self._hash = hashlib.sha256()
-        self._failures = 0
 
     def request_headers(self) -> dict[str, str]:
         """The next request's headers: ask for the rest, if this representation is still current."""
@@ -749,16 +755,6 @@ class DownloadSession:
         delay = self._core.policy.after_transport_error(self._failures, error, idempotent=True)
         if delay is None:
             raise self._core.connection_failed(error) from error
-        self._failures += 1
-        return delay
-
-    def error_delay(self, status: int, headers: Mapping[str, str], body: bytes) -> float:
-        """Seconds before trying again after an error answer (429, 5xx); raises it otherwise."""
-        delay = self._core.policy.after_status(
-            self._failures, status, headers.get("retry-after"), idempotent=True
-        )
-        if delay is None:
-            raise self._core.error(status, headers, body, self._failures + 1)
         self._failures += 1
         return delay
 
