@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -223,3 +226,31 @@ def test_the_async_client_runs_the_same_loop(
     job_id, final_status, result, listed = asyncio.run(main())
     assert final_status == "completed" and job_id in listed
     assert json.loads(result.path.read_bytes()) == {"from": "async"}
+
+
+@pytest.mark.parametrize("example", ["sdk_sync.py", "sdk_async.py"])
+def test_the_documented_sdk_examples_run(
+    served: Served, key: str, miner: Miner, tmp_path: Path, example: str
+) -> None:
+    script = Path(__file__).resolve().parents[2] / "docs" / "examples" / example
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")} | {
+        "JOBLEDGER_URL": served.url,
+        "JOBLEDGER_API_KEY": key,
+        "JOBLEDGER_CONFIG": str(tmp_path / "no-such-config.toml"),
+    }
+    ran = subprocess.run(
+        [sys.executable, str(script), "cpu"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    if example == "sdk_sync.py":
+        [saved] = tmp_path.glob("job_*.txt")
+        assert saved.read_text() == hashlib.sha256(b"Hello, GPU").hexdigest()
+        assert "verified" in ran.stdout
+    else:
+        assert "final: completed, completed, completed" in ran.stdout
