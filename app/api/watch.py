@@ -353,6 +353,12 @@ class WatchController(Controller):
     ) -> Stream:
         """Stream the job's events as they are committed; `end` once it is terminal."""
         after = resume_after(last_event_id_header, last_event_id)
+        if timeout is None and "timeout" in request.query_params:
+            # Litestar reads `?timeout=null` as no timeout: a stream that never closes.
+            raise InvalidJobRequest(
+                f"timeout must be a whole number of seconds from 0 to {MAX_TIMEOUT_SECONDS}",
+                details={"errors": [{"field": "timeout", "message": "not a number"}]},
+            )
         services = services_of(state)
         aggregate_id_of(job_id)  # a malformed id is not found without asking the database
         history = await services.run(

@@ -204,6 +204,11 @@ def test_options_lists_every_method_the_path_has(served: Served, document: dict[
         assert set(answer.headers["allow"].split(", ")) == documented | {"OPTIONS"}, path
 
 
+# Operations schemathesis.toml exercises only through links (a watch stream lasts as long
+# as the `timeout` a generated case asks for).
+LINKS_ONLY = {"GET /v1/jobs/{job_id}/watch"}
+
+
 def schemathesis(served: Served, workdir: Path, *options: str) -> tuple[int, str]:
     """Run `schemathesis run` on the served document; its exit code and everything it printed."""
     # A scenario is a short chain of calls, far cheaper than it sounds: give the stateful
@@ -266,9 +271,10 @@ def test_schemathesis_finds_nothing(
     code, output = schemathesis(served, tmp_path, *credentials)
     print(output)  # what was tested, and how much: `pytest -rP` shows it
     assert code == 0, f"schemathesis found something ({caller}):\n{output}"
-    # Not vacuous: every operation of the document was tested, in every phase.
+    # Not vacuous: every operation of the document was tested, in every phase (but those
+    # schemathesis.toml leaves to the stateful phase's links, which it does not count).
     total = len(operations(document))
-    assert count(r"Tested: (\d+)", output) == total, output
+    assert count(r"Tested: (\d+)", output) == total - len(LINKS_ONLY), output
     assert count(r"Selected: \d+/(\d+)", output) == total, output
     for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
         assert re.search(rf"✅  {phase} \(in", output), f"{phase} did not pass:\n{output}"
