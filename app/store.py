@@ -437,32 +437,41 @@ class JobLedger(Application[UUID]):
         """
         if not upto:
             return {}
-        recorder = self.recorder
-        assert isinstance(recorder, PostgresApplicationRecorder)  # postgres_env is the only one
-        statement = SQL(
-            "SELECT originator_id, originator_version, topic, state FROM {}.{} "
-            "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
-        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
-        with recorder.datastore.transaction(commit=False) as cursor:
-            # Never prepared: a generic plan made while the log was small (a sequential
-            # scan) would stay on the pooled connection and read the whole log each time.
-            cursor.execute(statement, (list(upto),), prepare=False)
-            rows = cursor.fetchall()
+        rows = self._stored_rows(
+            "originator_id = ANY(%s) ORDER BY originator_id, originator_version", (list(upto),)
+        )
         histories: dict[UUID, list[Any]] = {}
         for row in rows:
             last = upto[row["originator_id"]]
             if last is not None and row["originator_version"] > last:
                 continue  # later than wanted: not worth decoding
-            stored = StoredEvent(
+            histories.setdefault(row["originator_id"], []).append(self._decoded(row))
+        return histories
+
+    def _stored_rows(self, where: str, params: Sequence[Any]) -> list[Any]:
+        """Rows of the events table (with their log position) matching `where`, in one query."""
+        recorder = self.recorder
+        assert isinstance(recorder, PostgresApplicationRecorder)  # postgres_env is the only one
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state, notification_id "
+            "FROM {}.{} WHERE " + where
+        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        with recorder.datastore.transaction(commit=False) as cursor:
+            # Never prepared: a generic plan made while the log was small (a sequential
+            # scan) would stay on the pooled connection and read the whole log each time.
+            cursor.execute(statement, params, prepare=False)
+            return cursor.fetchall()
+
+    def _decoded(self, row: Any) -> Any:
+        """The domain event stored in one row of the events table."""
+        return self.mapper.to_domain_event(
+            StoredEvent(
                 originator_id=row["originator_id"],
                 originator_version=row["originator_version"],
                 topic=row["topic"],
                 state=bytes(row["state"]),
             )
-            histories.setdefault(row["originator_id"], []).append(
-                self.mapper.to_domain_event(stored)
-            )
-        return histories
+        )
 
     def _one_by_one(
         self, commands: Sequence[tuple[str, Callable[[Job], T]]]
@@ -655,26 +664,11 @@ class JobLedger(Application[UUID]):
         tell (0 when there is no event after `sequence`). From sequence 0 it is the whole
         history, checked like `job_history` (`owner`); a later read needs no check.
         """
-        recorder = self.recorder
-        assert isinstance(recorder, PostgresApplicationRecorder)  # postgres_env is the only one
-        statement = SQL(
-            "SELECT originator_id, originator_version, topic, state, notification_id FROM {}.{} "
-            "WHERE originator_id = %s AND originator_version > %s ORDER BY originator_version"
-        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
-        with recorder.datastore.transaction(commit=False) as cursor:
-            cursor.execute(statement, (aggregate_id_of(job_id), sequence), prepare=False)
-            rows = cursor.fetchall()
-        events = [
-            self.mapper.to_domain_event(
-                StoredEvent(
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
-                )
-            )
-            for row in rows
-        ]
+        rows = self._stored_rows(
+            "originator_id = %s AND originator_version > %s ORDER BY originator_version",
+            (aggregate_id_of(job_id), sequence),
+        )
+        events = [self._decoded(row) for row in rows]
         if sequence == 0:
             _require_job(job_id, events, owner)
         return events, max((int(row["notification_id"]) for row in rows), default=0)
